@@ -1,0 +1,79 @@
+"""Figure of a :class:`~eamet.diagnostics.MisalignmentReport` (matplotlib, object API, no pyplot state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from eamet.errors import MissingDependencyError
+
+if TYPE_CHECKING:
+    from eamet.diagnostics import MisalignmentReport
+
+__all__ = ["plot_report"]
+
+
+def plot_report(report: MisalignmentReport, path: Path, *, rows: int = 4) -> Path:
+    """Writes three panels to ``path`` and returns it.
+
+    (a) the distribution of A(i) with its total and mean; (b) top-M overlap against A(i), one point per
+    fact; (c) for the ``rows`` worst facts, key cosine vs residual cosine over each one's top-M key
+    neighbours — an aligned fact lies on the diagonal.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "plotting needs matplotlib: pip install 'eamet[plot]'", argument="plot"
+        ) from exc
+
+    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    ax_hist, ax_overlap, ax_rows = fig.subplots(1, 3)
+    scores = report.scores
+    support = "j < i" if report.progressive else "j ≠ i"
+    fig.suptitle(
+        f"Embedding misalignment: N = {len(report)}, τ = {report.tau:g}, "
+        f"M = {report.top_m}, support {support}"
+    )
+
+    positive = scores[scores > 0]
+    bins = (
+        np.geomspace(positive.min(), positive.max(), 50)
+        if positive.size > 1 and positive.max() > positive.min()
+        else 50
+    )
+    ax_hist.hist(positive if positive.size else scores, bins=bins, color="#4477aa")
+    if isinstance(bins, np.ndarray):
+        ax_hist.set_xscale("log")
+    ax_hist.set_yscale("log")
+    ax_hist.set_xlabel("A(i) = KL(P_r(i) ‖ P_k(i))")
+    ax_hist.set_ylabel("facts")
+    ax_hist.set_title(f"(a) total {report.total:.4g}, mean {report.mean:.4g}")
+
+    ax_overlap.scatter(scores, report.overlap, s=4, alpha=0.35, color="#cc6677", linewidths=0)
+    ax_overlap.set_xscale("symlog", linthresh=max(float(np.median(scores)), 1e-6))
+    ax_overlap.set_ylim(-0.03, 1.03)
+    ax_overlap.set_xlabel("A(i)")
+    ax_overlap.set_ylabel(f"top-{report.top_m} overlap of key and residual neighbours")
+    ax_overlap.set_title("(b) neighbourhood overlap vs misalignment")
+
+    ax_rows.plot([-1, 1], [-1, 1], color="0.6", linewidth=1, linestyle="--", label="aligned")
+    for i in report.worst(rows):
+        valid = report.key_neighbors[i] >= 0
+        ax_rows.scatter(
+            report.neighbor_key_cos[i][valid],
+            report.neighbor_residual_cos[i][valid],
+            s=10,
+            alpha=0.8,
+            label=f"fact {i}: A = {scores[i]:.3g}",
+        )
+    ax_rows.set_xlabel("key cosine to key neighbour")
+    ax_rows.set_ylabel("residual cosine to the same neighbour")
+    ax_rows.set_title(f"(c) the {rows} worst facts' top-{report.top_m} key neighbours")
+    ax_rows.legend(fontsize="small", loc="best")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

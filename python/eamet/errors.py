@@ -1,0 +1,82 @@
+"""Exceptions raised by eamet, from Python and from the Rust core alike.
+
+Every error eamet raises on purpose derives from :class:`EametError` and also from the built-in class a
+caller would naturally catch (``ValueError`` for bad values, ``TypeError`` for bad types). Errors about
+one argument carry it in ``argument``; errors about one row of an array carry ``row`` (0-based);
+errors about a file carry ``path``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "CacheError",
+    "DTypeError",
+    "EametError",
+    "EmptyError",
+    "MissingDependencyError",
+    "NonFiniteError",
+    "ParameterError",
+    "ShapeError",
+    "ZeroNormError",
+]
+
+
+class EametError(Exception):
+    """Base class of every error eamet raises on purpose.
+
+    Attributes:
+        argument: name of the offending argument (``"keys"``, ``"tau"`` ...), or ``None``.
+        row: 0-based index of the first offending row, or ``None``.
+        path: the file concerned, or ``None``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        argument: str | None = None,
+        row: int | None = None,
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.argument = argument
+        self.row = row
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keep the keyword attributes through pickling (multiprocessing, DataLoader workers).
+        return (self.__class__, self.args, self.__dict__)
+
+
+class ShapeError(EametError, ValueError):
+    """An array has the wrong number of dimensions, rows or columns."""
+
+
+class EmptyError(ShapeError):
+    """An array, or an accumulator, holds nothing."""
+
+
+class DTypeError(EametError, TypeError):
+    """An array has an element type eamet cannot use (integers, booleans, complex, objects)."""
+
+
+class NonFiniteError(EametError, ValueError):
+    """An array holds NaN or infinity; ``row`` is the first row that does."""
+
+
+class ZeroNormError(EametError, ValueError):
+    """A row has zero norm, so its cosine similarity is undefined; ``row`` names it."""
+
+
+class ParameterError(EametError, ValueError):
+    """A scalar argument is out of range (``tau <= 0``, ``top_m < 1`` ...)."""
+
+
+class CacheError(EametError, ValueError):
+    """A saved file is truncated, corrupt, or not the kind of file expected; ``path`` names it."""
+
+
+class MissingDependencyError(EametError, ImportError):
+    """An optional dependency (an extra such as ``eamet[plot]``) is needed but not installed."""
