@@ -59,16 +59,19 @@ def plot_report(report: MisalignmentReport, path: Path, *, rows: int = 4) -> Pat
     ax_overlap.set_ylabel(f"top-{report.top_m} overlap of key and residual neighbours")
     ax_overlap.set_title("(b) neighbourhood overlap vs misalignment")
 
-    ax_rows.plot([-1, 1], [-1, 1], color="0.6", linewidth=1, linestyle="--", label="aligned")
-    for i in report.worst(rows):
-        valid = report.key_neighbors[i] >= 0
-        ax_rows.scatter(
-            report.neighbor_key_cos[i][valid],
-            report.neighbor_residual_cos[i][valid],
-            s=10,
-            alpha=0.8,
-            label=f"fact {i}: A = {scores[i]:.3g}",
-        )
+    worst = report.worst(rows)
+    shown = [
+        (i, report.neighbor_key_cos[i][valid], report.neighbor_residual_cos[i][valid])
+        for i in worst
+        for valid in [report.key_neighbors[i] >= 0]
+    ]
+    values = np.concatenate([np.concatenate([x, y]) for _, x, y in shown]) if shown else np.zeros(1)
+    lo, hi = float(values.min()) - 0.05, float(values.max()) + 0.05
+    ax_rows.plot([lo, hi], [lo, hi], color="0.6", linewidth=1, linestyle="--", label="aligned (y = x)")
+    for i, key_cos, residual_cos in shown:
+        ax_rows.scatter(key_cos, residual_cos, s=10, alpha=0.8, label=f"fact {i}: A = {scores[i]:.3g}")
+    ax_rows.set_xlim(lo, hi)
+    ax_rows.set_ylim(lo, hi)
     ax_rows.set_xlabel("key cosine to key neighbour")
     ax_rows.set_ylabel("residual cosine to the same neighbour")
     ax_rows.set_title(f"(c) the {rows} worst facts' top-{report.top_m} key neighbours")

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["progress_callback"]
 
 
 @contextmanager
 def progress_callback(enabled: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """Yields a ``callback(done, total)`` that drives a tqdm bar, or ``None`` when disabled."""
+    """Yields a ``callback(done, total)`` that drives a tqdm bar, or ``None`` when disabled.
+
+    The bar is created on the first report (the core reports after 100 ms of work), so quick calls and
+    calls that fail validation print nothing.
+    """
     if not enabled:
         yield None
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=None, desc=description, unit="tile", leave=False, dynamic_ncols=True)
+    bars: list[Any] = []
 
     def callback(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(total=total or None, desc=description, unit="tile", leave=False))
+        bar = bars[0]
         if total and bar.total != total:
             bar.total = total
         bar.update(done - bar.n)
@@ -26,4 +34,5 @@ def progress_callback(enabled: bool, description: str) -> Iterator[Callable[[int
     try:
         yield callback
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()

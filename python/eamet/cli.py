@@ -24,7 +24,32 @@ __all__ = ["main"]
 
 def _load_matrix(path: str) -> np.ndarray:
     # Memory-mapped: the core reads float32/float64 files in place, so only its normalised copy is made.
-    return np.asarray(np.load(path, mmap_mode="r", allow_pickle=False))
+    loaded = np.load(path, mmap_mode="r", allow_pickle=False)
+    if not isinstance(loaded, np.ndarray):
+        loaded.close()
+        raise EametError(f"{path}: expected a .npy file holding one array, got an .npz archive", path=path)
+    return np.asarray(loaded)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _format_report(report: MisalignmentReport, worst: int, widths: tuple[int, int]) -> str:
@@ -55,16 +80,20 @@ def _format_report(report: MisalignmentReport, worst: int, widths: tuple[int, in
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     keys = _load_matrix(args.keys)
     residuals = _load_matrix(args.residuals)
+    threads_before = _core.get_num_threads()
     if args.threads is not None:
         _core.set_num_threads(args.threads)
-    report = misalignment(
-        keys,
-        residuals,
-        tau=args.tau,
-        top_m=args.top_m,
-        progressive=args.progressive,
-        progress=not args.no_progress,
-    )
+    try:
+        report = misalignment(
+            keys,
+            residuals,
+            tau=args.tau,
+            top_m=args.top_m,
+            progressive=args.progressive,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    finally:
+        _core.set_num_threads(threads_before)
     widths = (keys.shape[1], residuals.shape[1])
     print(_format_report(report, args.worst, widths))
     if args.json:
@@ -101,21 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("keys", help="(N, d_k) float array in .npy format")
     diagnose.add_argument("residuals", help="(N, d_r) float array in .npy format")
     diagnose.add_argument(
-        "--tau", type=float, default=DEFAULT_TAU, help="softmax temperature (default %(default)s)"
+        "--tau", type=_positive_float, default=DEFAULT_TAU, help="softmax temperature (default %(default)s)"
     )
     diagnose.add_argument(
-        "--top-m", type=int, default=DEFAULT_TOP_M, help="neighbours per fact (default %(default)s)"
+        "--top-m", type=_positive_int, default=DEFAULT_TOP_M, help="neighbours per fact (default %(default)s)"
     )
     diagnose.add_argument(
         "--progressive",
         action="store_true",
         help="support j < i (EAMET's optimisation order) instead of j != i",
     )
-    diagnose.add_argument("--worst", type=int, default=10, help="worst facts to list (default %(default)s)")
+    diagnose.add_argument(
+        "--worst", type=_non_negative_int, default=10, help="worst facts to list (default %(default)s)"
+    )
     diagnose.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     diagnose.add_argument("--plot", metavar="OUT.png", help="also draw the report (needs eamet[plot])")
-    diagnose.add_argument("--threads", type=int, help="kernel threads (default: all CPUs)")
-    diagnose.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    diagnose.add_argument(
+        "--threads", type=_positive_int, help="kernel threads (default: EAMET_NUM_THREADS or all CPUs)"
+    )
+    diagnose.add_argument(
+        "--no-progress", action="store_true", help="hide the progress bar (shown only on a terminal)"
+    )
     diagnose.set_defaults(run=_cmd_diagnose)
     return parser
 

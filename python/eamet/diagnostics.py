@@ -36,6 +36,7 @@ AUTO_PROGRESS_ROWS = 20_000
 """With ``progress=None``, a bar is shown from this many rows on."""
 
 _QUANTILES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.99, 1.0)
+_TOP_M_CAP = 2**62
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,7 +149,8 @@ def _check_top_m(top_m: Any) -> int:
         raise ParameterError(f"top_m: must be an integer, got {top_m!r}", argument="top_m")
     if top_m < 1:
         raise ParameterError(f"top_m: must be at least 1, got {top_m}", argument="top_m")
-    return int(top_m)
+    # The core clamps to N - 1; clamping here first keeps arbitrarily large ints out of int64.
+    return min(int(top_m), _TOP_M_CAP)
 
 
 def _show_progress(progress: bool | None, rows: int) -> bool:

@@ -46,8 +46,10 @@ class EametError(Exception):
         self.path = path
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the keyword attributes through pickling (multiprocessing, DataLoader workers).
-        return (self.__class__, self.args, self.__dict__)
+        # Keep the keyword attributes through pickling (multiprocessing, DataLoader workers). They are
+        # listed explicitly because ImportError keeps `path` in a slot, outside __dict__.
+        state = {**self.__dict__, "argument": self.argument, "row": self.row, "path": self.path}
+        return (self.__class__, self.args, state)
 
 
 class ShapeError(EametError, ValueError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,8 @@ class SecondMoment:
 
     Only the upper triangle is computed (half the flops of ``X.T @ X``); float32 batches are multiplied
     in float32 in chunks of 2048 rows, each chunk added into the float64 sum. The GIL is released
-    during :meth:`update`, so a data-loading thread can run meanwhile.
+    during :meth:`update`, so a data-loading thread can run meanwhile; calls from several threads on
+    one accumulator are serialised by a lock.
 
     Example:
         >>> acc = SecondMoment(4)
@@ -38,6 +40,7 @@ class SecondMoment:
     def __init__(self, dim: int) -> None:
         """Creates an empty accumulator for rows of dimension ``dim`` (>= 1); allocates dim² float64."""
         self._acc = _core.SecondMoment(dim)
+        self._lock = threading.Lock()
         self.metadata: dict[str, Any] = {}
 
     @property
@@ -62,24 +65,35 @@ class SecondMoment:
         nothing. Raises ``ShapeError`` (wrong dim, not 2-D) or ``NonFiniteError`` (first bad row),
         leaving the accumulator unchanged.
         """
-        self._acc.update(as_float_matrix(batch, "batch"))
+        array = as_float_matrix(batch, "batch")
+        with self._lock:
+            self._acc.update(array)
 
     def merge(self, other: SecondMoment) -> None:
         """Adds another accumulator of the same ``dim`` (e.g. from another worker) into this one."""
         if not isinstance(other, SecondMoment):
             raise DTypeError(f"other: expected a SecondMoment, got {type(other).__name__}", argument="other")
-        self._acc.merge(other._acc)
+        if other is self:
+            with self._lock:
+                self._acc.merge(self._acc)
+            return
+        # Lock in a fixed (id) order so that a.merge(b) and b.merge(a) in two threads cannot deadlock.
+        first, second = sorted((self, other), key=id)
+        with first._lock, second._lock:
+            self._acc.merge(other._acc)
 
     def moment(self) -> np.ndarray:
         """(dim, dim) float64 symmetric matrix Σ x xᵀ / count. Raises ``EmptyError`` if count is 0."""
-        return self._acc.moment()
+        with self._lock:
+            return self._acc.moment()
 
     def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> None:
         """Writes a safetensors file atomically: the packed upper triangle (float64), dim, count,
         input dtype, a CRC-32 of the data, and ``metadata`` (default: :attr:`metadata`) as JSON.
         """
         meta = dict(self.metadata if metadata is None else metadata)
-        self._acc.save(os.fspath(path), json.dumps(meta, sort_keys=True))
+        with self._lock:
+            self._acc.save(os.fspath(path), json.dumps(meta, sort_keys=True))
         self.metadata = meta
 
     @classmethod
@@ -90,6 +104,7 @@ class SecondMoment:
         acc, meta_json = _core.SecondMoment.load(os.fspath(path))
         obj = cls.__new__(cls)
         obj._acc = acc
+        obj._lock = threading.Lock()
         try:
             meta = json.loads(meta_json) if meta_json else {}
         except json.JSONDecodeError as exc:

@@ -65,41 +65,56 @@ pub fn normalize_rows<T: Element>(x: ArrayView2<'_, T>, argument: &str) -> CoreR
         .min_by_key(|&(i, _)| i);
     match first_bad {
         None => Ok(UnitRows { data, n, d }),
-        Some((row, BadRow::NonFinite)) => Err(CoreError::NonFinite {
-            argument: argument.to_string(),
-            row,
-        }),
-        Some((row, BadRow::Zero)) => Err(CoreError::ZeroNorm {
-            argument: argument.to_string(),
-            row,
-        }),
+        Some((row, BadRow::NonFinite)) => Err(CoreError::NonFinite { argument: argument.to_string(), row }),
+        Some((row, BadRow::Zero)) => Err(CoreError::ZeroNorm { argument: argument.to_string(), row }),
     }
 }
 
 fn normalize_row<T: Element>(row: ndarray::ArrayView1<'_, T>, out: &mut [f32]) -> Result<(), BadRow> {
-    let sum_sq: f64 = row.iter().map(|&v| v.into() * v.into()).sum();
-    let scale = if sum_sq.is_finite() && sum_sq > f64::MIN_POSITIVE {
-        1.0 / sum_sq.sqrt()
-    } else {
-        // NaN/Inf, all zeros, or a finite row whose squares overflow or underflow float64.
-        let mut max_abs = 0.0f64;
-        for &v in row.iter() {
-            let v: f64 = v.into();
-            if !v.is_finite() {
-                return Err(BadRow::NonFinite);
-            }
-            max_abs = max_abs.max(v.abs());
-        }
-        if max_abs == 0.0 {
-            return Err(BadRow::Zero);
-        }
-        let rescaled: f64 = row.iter().map(|&v| (v.into() / max_abs).powi(2)).sum();
-        1.0 / (max_abs * rescaled.sqrt())
+    let sum_sq = match row.as_slice() {
+        Some(values) => sum_of_squares(values),
+        None => row.iter().map(|&v| v.into() * v.into()).sum(),
     };
+    if sum_sq.is_finite() && sum_sq > f64::MIN_POSITIVE {
+        let scale = 1.0 / sum_sq.sqrt();
+        for (o, &v) in out.iter_mut().zip(row.iter()) {
+            *o = (v.into() * scale) as f32;
+        }
+        return Ok(());
+    }
+    // NaN/Inf, all zeros, or a finite row whose squares overflow or underflow float64: divide by the
+    // largest magnitude first (dividing, not multiplying by its inverse, which overflows for subnormals).
+    let mut max_abs = 0.0f64;
+    for &v in row.iter() {
+        let v: f64 = v.into();
+        if !v.is_finite() {
+            return Err(BadRow::NonFinite);
+        }
+        max_abs = max_abs.max(v.abs());
+    }
+    if max_abs == 0.0 {
+        return Err(BadRow::Zero);
+    }
+    let rescaled: f64 = row.iter().map(|&v| (v.into() / max_abs).powi(2)).sum();
+    let scale = 1.0 / rescaled.sqrt(); // rescaled ∈ [1, d]
     for (o, &v) in out.iter_mut().zip(row.iter()) {
-        *o = (v.into() * scale) as f32;
+        *o = ((v.into() / max_abs) * scale) as f32;
     }
     Ok(())
+}
+
+/// Σ v² in float64 with eight independent partial sums, so the loop vectorises.
+fn sum_of_squares<T: Element>(values: &[T]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (acc, &v) in lanes.iter_mut().zip(chunk) {
+            let v: f64 = v.into();
+            *acc += v * v;
+        }
+    }
+    lanes.iter().sum::<f64>() + tail.iter().map(|&v| v.into() * v.into()).sum::<f64>()
 }
 
 /// `out[r * cols.len() + c] = <a_{rows.start + r}, b_{cols.start + c}>`: one similarity tile.
@@ -142,14 +157,21 @@ pub fn cosine_tile(a: &UnitRows, rows: Range<usize>, b: &UnitRows, cols: Range<u
     }
 }
 
+/// Tile edge for a triangle of an N×N matrix: `largest` amortises GEMM packing best, but it is halved
+/// (down to 64) until there are at least four tiles per thread to share out.
+pub fn tile_edge(n: usize, largest: usize, threads: usize) -> usize {
+    let mut block = largest.max(1);
+    while block > 64 && n.div_ceil(block) * (n.div_ceil(block) + 1) / 2 < 4 * threads {
+        block /= 2;
+    }
+    block
+}
+
 /// Square tiles (I, J) of an N×N matrix cut into blocks of `block` rows, in row-major tile order.
 ///
 /// `upper = true` yields I ≤ J (the upper triangle with the diagonal), `false` yields J ≤ I.
 pub fn triangle_tiles(n: usize, block: usize, upper: bool) -> Vec<(Range<usize>, Range<usize>)> {
-    let blocks: Vec<Range<usize>> = (0..n)
-        .step_by(block.max(1))
-        .map(|s| s..(s + block).min(n))
-        .collect();
+    let blocks: Vec<Range<usize>> = (0..n).step_by(block.max(1)).map(|s| s..(s + block).min(n)).collect();
     let mut tiles = Vec::with_capacity(blocks.len() * (blocks.len() + 1) / 2);
     for (bi, rows) in blocks.iter().enumerate() {
         for (bj, cols) in blocks.iter().enumerate() {
@@ -194,10 +216,11 @@ mod tests {
 
     #[test]
     fn extreme_magnitudes_normalise() {
-        let x = Array2::from_shape_vec((2, 2), vec![1e300, 1e300, 1e-300, -1e-300]).unwrap();
+        let x = Array2::from_shape_vec((3, 2), vec![1e300, 1e300, 1e-300, -1e-300, 3e-310, 4e-310]).unwrap();
         let u = normalize_rows(x.view(), "x").unwrap();
         let h = std::f32::consts::FRAC_1_SQRT_2;
         assert!((u.row(0)[0] - h).abs() < 1e-6 && (u.row(1)[1] + h).abs() < 1e-6);
+        assert!((u.row(2)[0] - 0.6).abs() < 1e-6 && (u.row(2)[1] - 0.8).abs() < 1e-6, "subnormal row");
     }
 
     #[test]

@@ -13,11 +13,11 @@ use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use ndarray::ArrayView2;
+use ndarray::{ArrayView1, ArrayView2};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::cosine::{triangle_tiles, Element};
+use crate::cosine::{tile_edge, triangle_tiles, Element};
 use crate::error::{checked_len, try_zeroed, CoreError, CoreResult};
 
 /// Rows multiplied in one float32 GEMM before the result is added into the float64 sum.
@@ -111,15 +111,9 @@ impl SecondMoment {
         if rows == 0 {
             return Ok(());
         }
-        let first_bad = (0..rows)
-            .into_par_iter()
-            .filter(|&i| batch.row(i).iter().any(|&v| !v.into().is_finite()))
-            .min();
+        let first_bad = (0..rows).into_par_iter().filter(|&i| !row_is_finite(batch.row(i))).min();
         if let Some(row) = first_bad {
-            return Err(CoreError::NonFinite {
-                argument: "batch".into(),
-                row,
-            });
+            return Err(CoreError::NonFinite { argument: "batch".into(), row });
         }
         let mut contiguous: Vec<T> = Vec::new();
         for start in (0..rows).step_by(CHUNK_ROWS) {
@@ -142,17 +136,16 @@ impl SecondMoment {
     /// Adds XᵀX of the row-major `rows×dim` matrix `x` into the upper triangle of the sum.
     fn add_tiles<T: BatchElement>(&mut self, x: &[T], rows: usize) -> CoreResult<()> {
         let dim = self.dim;
-        let block = if dim <= 2048 { 256 } else { 512 };
+        let block = tile_edge(dim, if dim <= 2048 { 256 } else { 512 }, rayon::current_num_threads());
         let tiles = triangle_tiles(dim, block, true);
         let sum = SharedMut(self.sum.as_mut_ptr());
         let scratch = block * block;
         tiles.par_iter().try_for_each_init(
             || try_zeroed::<f32>(scratch, "second-moment tile"),
             |tile, (r, c)| -> CoreResult<()> {
-                let tile = tile.as_mut().map_err(|_| CoreError::OutOfMemory {
-                    what: "second-moment tile",
-                    bytes: scratch * 4,
-                })?;
+                let tile = tile
+                    .as_mut()
+                    .map_err(|_| CoreError::OutOfMemory { what: "second-moment tile", bytes: scratch * 4 })?;
                 // SAFETY: tiles of the upper triangle cover disjoint regions of `sum`, `r` and `c`
                 // lie inside 0..dim, and `x` holds rows×dim elements.
                 unsafe { accumulate_tile(x, rows, dim, r.clone(), c.clone(), sum, tile) };
@@ -169,10 +162,7 @@ impl SecondMoment {
                 format!("has dim {} but this accumulator has dim {}", other.dim, self.dim),
             ));
         }
-        self.sum
-            .par_iter_mut()
-            .zip(other.sum.par_iter())
-            .for_each(|(a, b)| *a += *b);
+        self.sum.par_iter_mut().zip(other.sum.par_iter()).for_each(|(a, b)| *a += *b);
         self.count += other.count;
         self.seen |= other.seen;
         Ok(())
@@ -242,10 +232,8 @@ impl SecondMoment {
             .metadata()
             .as_ref()
             .ok_or_else(|| bad("no eamet metadata: not a SecondMoment file".into()))?;
-        let field = |key: &str| {
-            meta.get(key)
-                .ok_or_else(|| bad(format!("metadata field '{key}' is missing")))
-        };
+        let field =
+            |key: &str| meta.get(key).ok_or_else(|| bad(format!("metadata field '{key}' is missing")));
         if field("format")? != FORMAT {
             return Err(bad(format!("format is '{}', expected '{FORMAT}'", field("format")?)));
         }
@@ -264,13 +252,9 @@ impl SecondMoment {
             "mixed" => 3,
             other => return Err(bad(format!("unknown input_dtype '{other}'"))),
         };
-        let tensor = tensors
-            .tensor(TENSOR)
-            .map_err(|_| bad(format!("tensor '{TENSOR}' is missing")))?;
-        let packed_len = dim
-            .checked_mul(dim + 1)
-            .map(|v| v / 2)
-            .ok_or_else(|| bad(format!("dim {dim} is too large")))?;
+        let tensor = tensors.tensor(TENSOR).map_err(|_| bad(format!("tensor '{TENSOR}' is missing")))?;
+        let packed_len =
+            dim.checked_mul(dim + 1).map(|v| v / 2).ok_or_else(|| bad(format!("dim {dim} is too large")))?;
         if tensor.dtype() != Dtype::F64 || tensor.shape() != [packed_len] {
             return Err(bad(format!(
                 "tensor '{TENSOR}' is {:?} {:?}, expected F64 [{packed_len}] for dim {dim}",
@@ -281,7 +265,10 @@ impl SecondMoment {
         let data = tensor.data();
         let crc = format!("{:08x}", crc32fast::hash(data));
         if &crc != field("crc32")? {
-            return Err(bad(format!("checksum mismatch (stored {}, computed {crc}): the file is corrupt", field("crc32")?)));
+            return Err(bad(format!(
+                "checksum mismatch (stored {}, computed {crc}): the file is corrupt",
+                field("crc32")?
+            )));
         }
         let mut acc = SecondMoment::new(dim).map_err(|_| bad(format!("invalid dim {dim}")))?;
         let mut values = data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")));
@@ -293,6 +280,25 @@ impl SecondMoment {
         acc.count = count;
         acc.seen = seen;
         Ok((acc, meta.get("metadata").cloned()))
+    }
+}
+
+/// `false` if the row holds a NaN or an infinity (`v · 0` is NaN exactly for those).
+fn row_is_finite<T: Element>(row: ArrayView1<'_, T>) -> bool {
+    match row.as_slice() {
+        Some(values) => {
+            let mut lanes = [0f64; 8];
+            let chunks = values.chunks_exact(8);
+            let tail_ok = chunks.remainder().iter().all(|&v| v.into().is_finite());
+            for chunk in chunks {
+                for (acc, &v) in lanes.iter_mut().zip(chunk) {
+                    let v: f64 = v.into();
+                    *acc += v * 0.0;
+                }
+            }
+            tail_ok && lanes.iter().all(|&l| l == 0.0)
+        }
+        None => row.iter().all(|&v| v.into().is_finite()),
     }
 }
 
@@ -319,13 +325,47 @@ unsafe fn accumulate_tile<T: BatchElement>(
     if T::FLAG == f64::FLAG {
         // Float64 input: multiply and accumulate straight into the float64 sum.
         gemm::gemm(
-            m, n, rows, dst as *mut T, 1, dim as isize, true, lhs, dim as isize, 1, rhs, 1, dim as isize,
-            T::ONE, T::ONE, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            rows,
+            dst as *mut T,
+            1,
+            dim as isize,
+            true,
+            lhs,
+            dim as isize,
+            1,
+            rhs,
+            1,
+            dim as isize,
+            T::ONE,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     } else {
         gemm::gemm(
-            m, n, rows, tile.as_mut_ptr() as *mut T, 1, n as isize, false, lhs, dim as isize, 1, rhs, 1,
-            dim as isize, T::ZERO, T::ONE, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            rows,
+            tile.as_mut_ptr() as *mut T,
+            1,
+            n as isize,
+            false,
+            lhs,
+            dim as isize,
+            1,
+            rhs,
+            1,
+            dim as isize,
+            T::ZERO,
+            T::ONE,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
         for a in 0..m {
             let out = std::slice::from_raw_parts_mut(dst.add(a * dim), n);
@@ -446,14 +486,19 @@ mod tests {
         acc.save(&path, Some("{\"layer\": 3}")).unwrap();
         let (back, meta) = SecondMoment::load(&path).unwrap();
         assert_eq!(back.moment().unwrap(), acc.moment().unwrap());
-        assert_eq!((back.count(), back.input_dtype(), meta.as_deref()), (20, "float32", Some("{\"layer\": 3}")));
+        assert_eq!(
+            (back.count(), back.input_dtype(), meta.as_deref()),
+            (20, "float32", Some("{\"layer\": 3}"))
+        );
 
         let bytes = fs::read(&path).unwrap();
         let mut flipped = bytes.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 0x40;
         fs::write(&path, &flipped).unwrap();
-        assert!(matches!(SecondMoment::load(&path), Err(CoreError::Cache { ref message, .. }) if message.contains("checksum")));
+        assert!(
+            matches!(SecondMoment::load(&path), Err(CoreError::Cache { ref message, .. }) if message.contains("checksum"))
+        );
         fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
         assert!(matches!(SecondMoment::load(&path), Err(CoreError::Cache { .. })));
         fs::write(&path, b"not a file we wrote").unwrap();

@@ -60,45 +60,27 @@ pub enum CoreError {
 
 impl CoreError {
     pub fn shape(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Shape {
-            argument: argument.into(),
-            message: message.into(),
-        }
+        Self::Shape { argument: argument.into(), message: message.into() }
     }
 
     pub fn empty(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Empty {
-            argument: argument.into(),
-            message: message.into(),
-        }
+        Self::Empty { argument: argument.into(), message: message.into() }
     }
 
     pub fn dtype(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::DType {
-            argument: argument.into(),
-            message: message.into(),
-        }
+        Self::DType { argument: argument.into(), message: message.into() }
     }
 
     pub fn parameter(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Parameter {
-            argument: argument.into(),
-            message: message.into(),
-        }
+        Self::Parameter { argument: argument.into(), message: message.into() }
     }
 
     pub fn cache(path: &Path, message: impl Into<String>) -> Self {
-        Self::Cache {
-            path: path.display().to_string(),
-            message: message.into(),
-        }
+        Self::Cache { path: path.display().to_string(), message: message.into() }
     }
 
     pub fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.display().to_string(),
-            source,
-        }
+        Self::Io { path: path.display().to_string(), source }
     }
 }
 
@@ -106,16 +88,14 @@ impl CoreError {
 pub fn try_zeroed<T: Clone + Default>(len: usize, what: &'static str) -> Result<Vec<T>, CoreError> {
     let bytes = len.saturating_mul(std::mem::size_of::<T>());
     let mut v = Vec::new();
-    v.try_reserve_exact(len)
-        .map_err(|_| CoreError::OutOfMemory { what, bytes })?;
+    v.try_reserve_exact(len).map_err(|_| CoreError::OutOfMemory { what, bytes })?;
     v.resize(len, T::default());
     Ok(v)
 }
 
 /// `a * b`, or a shape error naming `argument` when the product overflows `usize`.
 pub fn checked_len(a: usize, b: usize, argument: &str) -> Result<usize, CoreError> {
-    a.checked_mul(b)
-        .ok_or_else(|| CoreError::shape(argument, format!("{a} x {b} elements overflow usize")))
+    a.checked_mul(b).ok_or_else(|| CoreError::shape(argument, format!("{a} x {b} elements overflow usize")))
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;

@@ -20,11 +20,11 @@ use std::sync::Mutex;
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 
-use crate::cosine::{cosine_tile, normalize_rows, triangle_tiles, Element, UnitRows};
+use crate::cosine::{cosine_tile, normalize_rows, tile_edge, triangle_tiles, Element, UnitRows};
 use crate::error::{checked_len, try_zeroed, CoreError, CoreResult};
 use crate::pool::Control;
 use crate::simd::{dispatch, exp_nonpositive};
-use crate::topm::{check_row_count, default_block, TopMBank};
+use crate::topm::{check_row_count, TopMBank};
 
 /// Settings of [`misalignment`].
 #[derive(Debug, Clone, Copy)]
@@ -41,12 +41,7 @@ pub struct MisalignParams {
 
 impl Default for MisalignParams {
     fn default() -> Self {
-        Self {
-            tau: 0.07,
-            top_m: 50,
-            progressive: false,
-            block: 0,
-        }
+        Self { tau: 0.07, top_m: 50, progressive: false, block: 0 }
     }
 }
 
@@ -122,10 +117,9 @@ pub fn misalignment<K: Element, R: Element>(
     control: &Control,
 ) -> CoreResult<Misalignment> {
     let n = keys.nrows();
-    for (name, rows, cols) in [
-        ("keys", keys.nrows(), keys.ncols()),
-        ("residuals", residuals.nrows(), residuals.ncols()),
-    ] {
+    for (name, rows, cols) in
+        [("keys", keys.nrows(), keys.ncols()), ("residuals", residuals.nrows(), residuals.ncols())]
+    {
         if rows == 0 || cols == 0 {
             return Err(CoreError::empty(name, format!("array of shape ({rows}, {cols}) is empty")));
         }
@@ -133,7 +127,10 @@ pub fn misalignment<K: Element, R: Element>(
     if residuals.nrows() != n {
         return Err(CoreError::shape(
             "residuals",
-            format!("has {} rows but keys has {n}; row i of both must describe the same fact", residuals.nrows()),
+            format!(
+                "has {} rows but keys has {n}; row i of both must describe the same fact",
+                residuals.nrows()
+            ),
         ));
     }
     if n < 2 {
@@ -155,7 +152,7 @@ pub fn misalignment<K: Element, R: Element>(
     let unit_r = normalize_rows(residuals, "residuals")?;
 
     let block = match params.block {
-        0 => default_block(n, rayon::current_num_threads()),
+        0 => tile_edge(n, 512, rayon::current_num_threads()),
         b => b,
     };
     let tiles = triangle_tiles(n, block, !params.progressive);
@@ -169,11 +166,19 @@ pub fn misalignment<K: Element, R: Element>(
         || tile_buffers(scratch),
         |buf, (rows, cols)| -> CoreResult<()> {
             control.check()?;
-            let bufs = buf.as_mut().map_err(|e| CoreError::OutOfMemory {
-                what: "similarity tiles",
-                bytes: *e,
-            })?;
-            process_tile(&unit_k, &unit_r, rows.clone(), cols.clone(), block, params.progressive, inv_tau, bufs, &states);
+            let bufs =
+                buf.as_mut().map_err(|e| CoreError::OutOfMemory { what: "similarity tiles", bytes: *e })?;
+            process_tile(
+                &unit_k,
+                &unit_r,
+                rows.clone(),
+                cols.clone(),
+                block,
+                params.progressive,
+                inv_tau,
+                bufs,
+                &states,
+            );
             control.advance(1);
             Ok(())
         },
@@ -277,12 +282,8 @@ fn update_one_row(
     // Rescale what earlier tiles summed under the old maxima (exp(−inf) = 0 on the first tile).
     let scale_k = (((state.max_k[r] - new_k) * inv_tau) as f64).exp();
     let scale_r = (((state.max_r[r] - new_r) * inv_tau) as f64).exp();
-    let mut sums = [
-        state.z_k[r] * scale_k,
-        state.z_r[r] * scale_r,
-        state.u_k[r] * scale_k,
-        state.u_r[r] * scale_r,
-    ];
+    let mut sums =
+        [state.z_k[r] * scale_k, state.z_r[r] * scale_r, state.u_k[r] * scale_k, state.u_r[r] * scale_r];
     for seg in segments.clone() {
         segment_sums(&row_k[seg.clone()], &row_r[seg], new_k, new_r, inv_tau, &mut sums);
     }
@@ -369,7 +370,14 @@ fn offer_segment(bank: &mut TopMBank, r: usize, values: &[f32], aux: Option<&[f3
 /// is row c of `state`, and tile row r is global column `first_row + r`. Works on strips of 16
 /// columns, so that the running sums stay in registers while the strip is read row by row.
 #[inline(always)]
-fn update_columns_generic(state: &mut BlockState, sk: &[f32], sr: &[f32], w: usize, first_row: usize, inv_tau: f32) {
+fn update_columns_generic(
+    state: &mut BlockState,
+    sk: &[f32],
+    sr: &[f32],
+    w: usize,
+    first_row: usize,
+    inv_tau: f32,
+) {
     let h = sk.len() / w;
     let full = w / LANES * LANES;
     for c0 in (0..full).step_by(LANES) {
@@ -413,7 +421,8 @@ fn update_columns_generic(state: &mut BlockState, sk: &[f32], sr: &[f32], w: usi
             let c = c0 + l;
             state.max_k[c] = mk[l];
             state.max_r[c] = mr[l];
-            [state.z_k[c], state.z_r[c], state.u_k[c], state.u_r[c]] = [acc[0][l], acc[1][l], acc[2][l], acc[3][l]];
+            [state.z_k[c], state.z_r[c], state.u_k[c], state.u_r[c]] =
+                [acc[0][l], acc[1][l], acc[2][l], acc[3][l]];
             thr_k[l] = state.top_k.threshold(c);
             thr_r[l] = state.top_r.threshold(c);
         }
@@ -481,7 +490,8 @@ fn finish(
             let key_top = state.top_k.sorted_row(r);
             let res_top = state.top_r.sorted_row(r);
             for s in 0..m {
-                let (j, ck, cr) = key_top.get(s).map_or((-1, f32::NAN, f32::NAN), |&(v, j, a)| (j as i64, v, a));
+                let (j, ck, cr) =
+                    key_top.get(s).map_or((-1, f32::NAN, f32::NAN), |&(v, j, a)| (j as i64, v, a));
                 out.key_neighbors[i * m + s] = j;
                 out.neighbor_key_cos[i * m + s] = ck;
                 out.neighbor_residual_cos[i * m + s] = cr;
@@ -551,11 +561,19 @@ mod tests {
     }
 
     /// Definitions evaluated directly in float64 for one row.
-    fn naive_row(k: &Array2<f64>, r: &Array2<f64>, i: usize, tau: f64, m: usize, progressive: bool) -> (f64, f64, f64, f64) {
+    fn naive_row(
+        k: &Array2<f64>,
+        r: &Array2<f64>,
+        i: usize,
+        tau: f64,
+        m: usize,
+        progressive: bool,
+    ) -> (f64, f64, f64, f64) {
         let cos = |x: &Array2<f64>, a: usize, b: usize| {
             x.row(a).dot(&x.row(b)) / (x.row(a).dot(&x.row(a)).sqrt() * x.row(b).dot(&x.row(b)).sqrt())
         };
-        let support: Vec<usize> = (0..k.nrows()).filter(|&j| if progressive { j < i } else { j != i }).collect();
+        let support: Vec<usize> =
+            (0..k.nrows()).filter(|&j| if progressive { j < i } else { j != i }).collect();
         if support.is_empty() {
             return (0.0, 0.0, 1.0, 0.0);
         }
@@ -579,7 +597,8 @@ mod tests {
         let (tk, tr) = (top(&sk), top(&sr));
         let ov = tk.iter().filter(|x| tr.contains(x)).count() as f64 / mm as f64;
         let w: Vec<f64> = tk.iter().map(|&x| (sk[x] / tau).exp()).collect();
-        let mse = tk.iter().zip(&w).map(|(&x, w)| w * (sk[x] - sr[x]).powi(2)).sum::<f64>() / w.iter().sum::<f64>();
+        let mse =
+            tk.iter().zip(&w).map(|(&x, w)| w * (sk[x] - sr[x]).powi(2)).sum::<f64>() / w.iter().sum::<f64>();
         (a, rev, ov, mse)
     }
 
@@ -594,7 +613,11 @@ mod tests {
                 let out = misalignment(k.view(), r.view(), &p, &Control::new()).unwrap();
                 for i in 0..n {
                     let (a, rev, ov, mse) = naive_row(&k, &r, i, 0.3, 6, progressive);
-                    assert!((out.scores[i] - a).abs() < 2e-5 * (1.0 + a), "row {i}: {} vs {a}", out.scores[i]);
+                    assert!(
+                        (out.scores[i] - a).abs() < 2e-5 * (1.0 + a),
+                        "row {i}: {} vs {a}",
+                        out.scores[i]
+                    );
                     assert!((out.reverse_scores[i] - rev).abs() < 2e-5 * (1.0 + rev));
                     assert!((out.overlap[i] - ov).abs() < 1e-12, "row {i} block {block} prog {progressive}");
                     assert!((out.topm_mse[i] - mse).abs() < 1e-5);
@@ -630,14 +653,23 @@ mod tests {
         let c = Control::new();
         let p = MisalignParams::default();
         let short = random(7, 3, 3);
-        assert!(matches!(misalignment(k.view(), short.view(), &p, &c), Err(CoreError::Shape { argument, .. }) if argument == "residuals"));
+        assert!(
+            matches!(misalignment(k.view(), short.view(), &p, &c), Err(CoreError::Shape { argument, .. }) if argument == "residuals")
+        );
         let bad_tau = MisalignParams { tau: 0.0, ..p };
-        assert!(matches!(misalignment(k.view(), k.view(), &bad_tau, &c), Err(CoreError::Parameter { argument, .. }) if argument == "tau"));
+        assert!(
+            matches!(misalignment(k.view(), k.view(), &bad_tau, &c), Err(CoreError::Parameter { argument, .. }) if argument == "tau")
+        );
         let bad_m = MisalignParams { top_m: 0, ..p };
-        assert!(matches!(misalignment(k.view(), k.view(), &bad_m, &c), Err(CoreError::Parameter { argument, .. }) if argument == "top_m"));
+        assert!(
+            matches!(misalignment(k.view(), k.view(), &bad_m, &c), Err(CoreError::Parameter { argument, .. }) if argument == "top_m")
+        );
         let mut nan = k.clone();
         nan[(2, 1)] = f64::NAN;
-        assert!(matches!(misalignment(k.view(), nan.view(), &p, &c), Err(CoreError::NonFinite { row: 2, .. })));
+        assert!(matches!(
+            misalignment(k.view(), nan.view(), &p, &c),
+            Err(CoreError::NonFinite { row: 2, .. })
+        ));
         let empty = Array2::<f64>::zeros((0, 3));
         assert!(matches!(misalignment(empty.view(), empty.view(), &p, &c), Err(CoreError::Empty { .. })));
         c.cancel();

@@ -61,11 +61,7 @@ fn pool() -> CoreResult<Arc<ThreadPool>> {
         .thread_name(|i| format!("eamet-core-{i}"))
         .build()
         .map_err(|e| CoreError::Internal(format!("cannot start {threads} worker threads: {e}")))?;
-    let fresh = PoolState {
-        pid,
-        threads,
-        pool: Arc::new(pool),
-    };
+    let fresh = PoolState { pid, threads, pool: Arc::new(pool) };
     if let Some(old) = guard.replace(fresh) {
         if old.pid != pid {
             // Inherited across fork: its threads live only in the parent.
@@ -117,10 +113,7 @@ impl Control {
 
     /// `(done, total)` units of work.
     pub fn progress(&self) -> (usize, usize) {
-        (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        )
+        (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed))
     }
 
     pub fn cancel(&self) {

@@ -9,8 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use numpy::{
-    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray,
-    PyUntypedArrayMethods,
+    IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray2, PyUntypedArray, PyUntypedArrayMethods,
 };
 use pyo3::exceptions::{PyKeyboardInterrupt, PyMemoryError, PyRuntimeError};
 use pyo3::prelude::*;
@@ -93,7 +92,10 @@ impl<'py> FloatMatrix<'py> {
         if array.ndim() != 2 {
             return Err(core_to_py(
                 py,
-                CoreError::shape(argument, format!("expected a 2-D array, got {} dimension(s) {:?}", array.ndim(), array.shape())),
+                CoreError::shape(
+                    argument,
+                    format!("expected a 2-D array, got {} dimension(s) {:?}", array.ndim(), array.shape()),
+                ),
             ));
         }
         if let Ok(a) = obj.cast::<PyArray2<f32>>() {
@@ -168,7 +170,10 @@ fn run_interruptible<R: Send>(
 
 fn usize_arg(py: Python<'_>, value: i64, argument: &str, minimum: i64) -> PyResult<usize> {
     if value < minimum {
-        return Err(core_to_py(py, CoreError::parameter(argument, format!("must be at least {minimum}, got {value}"))));
+        return Err(core_to_py(
+            py,
+            CoreError::parameter(argument, format!("must be at least {minimum}, got {value}")),
+        ));
     }
     Ok(value as usize)
 }
@@ -222,6 +227,9 @@ fn misalignment<'py>(
     Ok(dict)
 }
 
+/// `(indices, similarities)`, both N×M.
+type NeighborArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
+
 /// Per-row top-M neighbours by cosine, self excluded; see `eamet.neighbors`.
 #[pyfunction]
 #[pyo3(signature = (x, top_m, *, block=0, progress=None))]
@@ -231,7 +239,7 @@ fn neighbors<'py>(
     top_m: i64,
     block: i64,
     progress: Option<&Bound<'py, PyAny>>,
-) -> PyResult<(Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>)> {
+) -> PyResult<NeighborArrays<'py>> {
     let top_m = usize_arg(py, top_m, "top_m", 1)?;
     let block = usize_arg(py, block, "block", 0)?;
     let x = FloatMatrix::extract(x, "x")?;
@@ -246,10 +254,7 @@ fn neighbors<'py>(
         }
     };
     let (n, m) = (out.n, out.m);
-    Ok((
-        out.indices.into_pyarray(py).reshape([n, m])?,
-        out.sims.into_pyarray(py).reshape([n, m])?,
-    ))
+    Ok((out.indices.into_pyarray(py).reshape([n, m])?, out.sims.into_pyarray(py).reshape([n, m])?))
 }
 
 /// Streaming Σ x xᵀ accumulator; see `eamet.SecondMoment` for the documented wrapper.
@@ -263,9 +268,7 @@ impl PySecondMoment {
     #[new]
     fn new(py: Python<'_>, dim: i64) -> PyResult<Self> {
         let dim = usize_arg(py, dim, "dim", 1)?;
-        Ok(Self {
-            inner: SecondMoment::new(dim).map_err(|e| core_to_py(py, e))?,
-        })
+        Ok(Self { inner: SecondMoment::new(dim).map_err(|e| core_to_py(py, e))? })
     }
 
     #[getter]
@@ -313,8 +316,7 @@ impl PySecondMoment {
         };
         let mut this = slf.borrow_mut();
         let inner = &mut this.inner;
-        py.detach(|| pool::run(|| inner.merge(other_inner)))
-            .map_err(|e| core_to_py(py, e))
+        py.detach(|| pool::run(|| inner.merge(other_inner))).map_err(|e| core_to_py(py, e))
     }
 
     fn moment<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyArray2<f64>>> {
@@ -327,8 +329,7 @@ impl PySecondMoment {
     #[pyo3(signature = (path, metadata=None))]
     fn save(&self, py: Python<'_>, path: PathBuf, metadata: Option<String>) -> PyResult<()> {
         let inner = &self.inner;
-        py.detach(|| inner.save(&path, metadata.as_deref()))
-            .map_err(|e| core_to_py(py, e))
+        py.detach(|| inner.save(&path, metadata.as_deref())).map_err(|e| core_to_py(py, e))
     }
 
     #[staticmethod]

@@ -10,25 +10,39 @@ use std::ops::Range;
 use ndarray::ArrayView2;
 use rayon::prelude::*;
 
-use crate::cosine::{cosine_tile, normalize_rows, triangle_tiles, Element, UnitRows};
+use crate::cosine::{cosine_tile, normalize_rows, tile_edge, triangle_tiles, Element, UnitRows};
 use crate::error::{checked_len, try_zeroed, CoreError, CoreResult};
 use crate::pool::Control;
 
-/// `true` when candidate `a` ranks strictly before candidate `b`.
+/// Packs a candidate into one integer whose order is the ranking: similarity first (higher wins),
+/// then the smaller index. Heaps then compare single `u64`s.
 #[inline(always)]
-fn better(a_sim: f32, a_idx: u32, b_sim: f32, b_idx: u32) -> bool {
-    a_sim > b_sim || (a_sim == b_sim && a_idx < b_idx)
+fn rank_key(sim: f32, index: u32) -> u64 {
+    let bits = (sim + 0.0).to_bits(); // + 0.0 folds −0.0 into +0.0, which compares equal to it
+    let ordered = if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 };
+    ((ordered as u64) << 32) | (u32::MAX - index) as u64
 }
 
-/// The M best candidates of many rows, stored flat: row r owns slots `r*m .. r*m + len[r]`.
+#[inline(always)]
+fn key_sim(key: u64) -> f32 {
+    let ordered = (key >> 32) as u32;
+    f32::from_bits(if ordered & 0x8000_0000 != 0 { ordered & 0x7fff_ffff } else { !ordered })
+}
+
+#[inline(always)]
+fn key_index(key: u64) -> u32 {
+    u32::MAX - key as u32
+}
+
+/// The M best candidates of many rows, stored flat: row r owns slots `r*m .. r*m + len[r]`, a
+/// binary min-heap of rank keys whose root is the row's worst kept candidate.
 ///
 /// Each candidate carries one extra f32 (`aux`) that travels with it: the misalignment kernel stores
 /// the residual cosine there so the MSE over key neighbours needs no second pass.
 #[derive(Debug)]
 pub struct TopMBank {
     m: usize,
-    sims: Vec<f32>,
-    idx: Vec<u32>,
+    keys: Vec<u64>,
     aux: Vec<f32>,
     len: Vec<u32>,
 }
@@ -38,8 +52,7 @@ impl TopMBank {
         let slots = checked_len(rows, m, "top_m")?;
         Ok(Self {
             m,
-            sims: try_zeroed(slots, "top-M similarities")?,
-            idx: try_zeroed(slots, "top-M indices")?,
+            keys: try_zeroed(slots, "top-M candidates")?,
             aux: try_zeroed(slots, "top-M values")?,
             len: try_zeroed(rows, "top-M lengths")?,
         })
@@ -51,7 +64,7 @@ impl TopMBank {
         if (self.len[r] as usize) < self.m {
             f32::NEG_INFINITY
         } else {
-            self.sims[r * self.m]
+            key_sim(self.keys[r * self.m])
         }
     }
 
@@ -62,57 +75,47 @@ impl TopMBank {
         if m == 0 {
             return;
         }
+        let key = rank_key(sim, index);
         let base = r * m;
         let len = self.len[r] as usize;
-        let sims = &mut self.sims[base..base + m];
-        let idx = &mut self.idx[base..base + m];
+        let keys = &mut self.keys[base..base + m];
         let auxs = &mut self.aux[base..base + m];
+        let mut pos;
         if len < m {
-            // Sift up: the heap's root is its worst element.
-            let mut pos = len;
+            // Sift up from the new leaf.
+            pos = len;
             while pos > 0 {
                 let parent = (pos - 1) / 2;
-                if better(sims[parent], idx[parent], sim, index) {
-                    sims[pos] = sims[parent];
-                    idx[pos] = idx[parent];
-                    auxs[pos] = auxs[parent];
-                    pos = parent;
-                } else {
+                if keys[parent] <= key {
                     break;
                 }
+                keys[pos] = keys[parent];
+                auxs[pos] = auxs[parent];
+                pos = parent;
             }
-            sims[pos] = sim;
-            idx[pos] = index;
-            auxs[pos] = aux;
             self.len[r] += 1;
-            return;
-        }
-        if !better(sim, index, sims[0], idx[0]) {
-            return;
-        }
-        // Replace the root and sift down.
-        let mut pos = 0;
-        loop {
-            let left = 2 * pos + 1;
-            if left >= m {
-                break;
+        } else {
+            if key <= keys[0] {
+                return;
             }
-            let right = left + 1;
-            let worse_child = if right < m && better(sims[left], idx[left], sims[right], idx[right]) {
-                right
-            } else {
-                left
-            };
-            if better(sims[worse_child], idx[worse_child], sim, index) {
-                break;
+            // Replace the root and sift down.
+            pos = 0;
+            loop {
+                let left = 2 * pos + 1;
+                if left >= m {
+                    break;
+                }
+                let right = left + 1;
+                let child = if right < m && keys[right] < keys[left] { right } else { left };
+                if keys[child] >= key {
+                    break;
+                }
+                keys[pos] = keys[child];
+                auxs[pos] = auxs[child];
+                pos = child;
             }
-            sims[pos] = sims[worse_child];
-            idx[pos] = idx[worse_child];
-            auxs[pos] = auxs[worse_child];
-            pos = worse_child;
         }
-        sims[pos] = sim;
-        idx[pos] = index;
+        keys[pos] = key;
         auxs[pos] = aux;
     }
 
@@ -120,11 +123,9 @@ impl TopMBank {
     pub fn sorted_row(&self, r: usize) -> Vec<(f32, u32, f32)> {
         let base = r * self.m;
         let len = self.len[r] as usize;
-        let mut row: Vec<(f32, u32, f32)> = (base..base + len)
-            .map(|s| (self.sims[s], self.idx[s], self.aux[s]))
-            .collect();
-        row.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-        row
+        let mut slots: Vec<usize> = (base..base + len).collect();
+        slots.sort_unstable_by(|&a, &b| self.keys[b].cmp(&self.keys[a]));
+        slots.into_iter().map(|s| (key_sim(self.keys[s]), key_index(self.keys[s]), self.aux[s])).collect()
     }
 
     /// Offers every element of `values`, the similarities of row `r` to columns `first_col..`; `aux`,
@@ -148,16 +149,6 @@ pub fn check_row_count(n: usize, argument: &str) -> CoreResult<()> {
         return Err(CoreError::shape(argument, format!("{n} rows exceed the supported 2^32 - 1")));
     }
     Ok(())
-}
-
-/// Picks the tile edge: large tiles amortise GEMM packing, but small inputs need enough tiles to
-/// keep every thread busy.
-pub fn default_block(n: usize, threads: usize) -> usize {
-    let mut block = 512;
-    while block > 64 && n.div_ceil(block).pow(2) / 2 < 4 * threads {
-        block /= 2;
-    }
-    block
 }
 
 /// Result of [`neighbors`]: `indices[i*m..][..m]` are row i's neighbours, best first, `-1`-padded.
@@ -189,7 +180,7 @@ pub fn neighbors<T: Element>(
     check_row_count(n, "x")?;
     let m = top_m.min(n - 1);
     let unit = normalize_rows(x, "x")?;
-    let block = if block == 0 { default_block(n, rayon::current_num_threads()) } else { block };
+    let block = if block == 0 { tile_edge(n, 512, rayon::current_num_threads()) } else { block };
     let tiles = triangle_tiles(n, block, true);
     control.set_total(tiles.len());
     let banks: Vec<std::sync::Mutex<TopMBank>> = (0..n)
@@ -266,6 +257,20 @@ mod tests {
     use ndarray::Array2;
 
     #[test]
+    fn rank_keys_order_like_the_ranking_and_round_trip() {
+        let sims = [-1.0f32, -0.5, -1e-30, -0.0, 0.0, 1e-30, 0.25, 1.0];
+        for (a, &sa) in sims.iter().enumerate() {
+            assert_eq!(key_sim(rank_key(sa, 7)), sa + 0.0);
+            assert_eq!(key_index(rank_key(sa, 7)), 7);
+            for &sb in &sims[a..] {
+                let want = (sa + 0.0).partial_cmp(&(sb + 0.0)).unwrap();
+                assert_eq!(rank_key(sa, 3).cmp(&rank_key(sb, 3)), want, "{sa} vs {sb}");
+            }
+        }
+        assert!(rank_key(0.5, 2) > rank_key(0.5, 9), "the smaller index wins a tie");
+    }
+
+    #[test]
     fn bank_keeps_the_best_with_index_tie_break() {
         let mut bank = TopMBank::new(1, 3).unwrap();
         for (j, v) in [0.1f32, 0.9, 0.5, 0.9, 0.2, 0.5, 0.95].iter().enumerate() {
@@ -313,8 +318,8 @@ mod tests {
                     .map(|j| (u.row(i).iter().zip(u.row(j)).map(|(a, b)| a * b).sum(), j))
                     .collect();
                 cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                for k in 0..5 {
-                    assert!((nb.sims[i * 5 + k] - cand[k].0).abs() < 1e-5, "block {block} row {i}");
+                for (k, &(want, _)) in cand.iter().take(5).enumerate() {
+                    assert!((nb.sims[i * 5 + k] - want).abs() < 1e-5, "block {block} row {i}");
                 }
             }
         }
