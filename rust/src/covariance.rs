@@ -1,7 +1,7 @@
 //! `SecondMoment`: streaming Σ x xᵀ in float64 with a symmetric (upper-triangle) update, merge, and a
 //! self-describing, checksummed safetensors file.
 //!
-//! Only the tiles on and above the diagonal are computed, which halves the GEMM work of a plain
+//! Only the blocks on and above the diagonal are computed, which halves the GEMM work of a plain
 //! `XᵀX`. Float32 batches are multiplied in float32 in chunks of at most [`CHUNK_ROWS`] rows (the
 //! rounding of one chunk's dot products, like a float32 `XᵀX`), and every chunk is added into the
 //! float64 sum, so the error does not grow with the number of samples. Float64 batches are
@@ -17,7 +17,7 @@ use ndarray::{ArrayView1, ArrayView2};
 use rayon::prelude::*;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-use crate::cosine::{tile_edge, triangle_tiles, Element};
+use crate::cosine::Element;
 use crate::error::{checked_len, try_zeroed, CoreError, CoreResult};
 
 /// Rows multiplied in one float32 GEMM before the result is added into the float64 sum.
@@ -58,10 +58,10 @@ pub struct SecondMoment {
     seen: u8,
 }
 
-/// A raw pointer that tiles with disjoint output regions may share across threads.
+/// A raw pointer that strips with disjoint output regions may share across threads.
 #[derive(Clone, Copy)]
 struct SharedMut<T>(*mut T);
-// SAFETY: every user writes only through disjoint index ranges (one tile each), see `add_tiles`.
+// SAFETY: every user writes only through disjoint index ranges (one strip each), see `add_strips`.
 unsafe impl<T> Send for SharedMut<T> {}
 unsafe impl<T> Sync for SharedMut<T> {}
 
@@ -126,29 +126,50 @@ impl SecondMoment {
                     &contiguous
                 }
             };
-            self.add_tiles(data, chunk.nrows())?;
+            self.add_strips(data, chunk.nrows())?;
         }
         self.count += rows as u64;
         self.seen |= T::FLAG;
         Ok(())
     }
 
-    /// Adds XᵀX of the row-major `rows×dim` matrix `x` into the upper triangle of the sum.
-    fn add_tiles<T: BatchElement>(&mut self, x: &[T], rows: usize) -> CoreResult<()> {
+    /// Adds XᵀX of the row-major `rows×dim` matrix `x` into the upper triangle of the sum (and into the
+    /// lower half of the diagonal blocks, which is never read).
+    fn add_strips<T: BatchElement>(&mut self, x: &[T], rows: usize) -> CoreResult<()> {
         let dim = self.dim;
-        let block = tile_edge(dim, if dim <= 2048 { 256 } else { 512 }, rayon::current_num_threads());
-        let tiles = triangle_tiles(dim, block, true);
+        // Strips: row block I times columns I.start..dim, one GEMM each, so the GEMM packs each panel
+        // once per strip rather than once per square tile (measured: 20 % faster at dim 1024 and 4096
+        // than 256/512 square tiles). 256 rows measured best; fewer rows when threads would idle.
+        let threads = rayon::current_num_threads();
+        let mut block = 256;
+        while block > 64 && dim.div_ceil(block) < 2 * threads {
+            block /= 2;
+        }
+        // Largest and smallest strips interleaved, so rayon's halving gives each thread a fair share.
+        let starts: Vec<usize> = (0..dim).step_by(block).collect();
+        let mut order = Vec::with_capacity(starts.len());
+        let (mut lo, mut hi) = (0usize, starts.len());
+        while lo < hi {
+            order.push(starts[lo]);
+            lo += 1;
+            if lo < hi {
+                hi -= 1;
+                order.push(starts[hi]);
+            }
+        }
         let sum = SharedMut(self.sum.as_mut_ptr());
-        let scratch = block * block;
-        tiles.par_iter().try_for_each_init(
-            || try_zeroed::<f32>(scratch, "second-moment tile"),
-            |tile, (r, c)| -> CoreResult<()> {
-                let tile = tile
-                    .as_mut()
-                    .map_err(|_| CoreError::OutOfMemory { what: "second-moment tile", bytes: scratch * 4 })?;
-                // SAFETY: tiles of the upper triangle cover disjoint regions of `sum`, `r` and `c`
-                // lie inside 0..dim, and `x` holds rows×dim elements.
-                unsafe { accumulate_tile(x, rows, dim, r.clone(), c.clone(), sum, tile) };
+        let scratch = block * dim;
+        order.par_iter().try_for_each_init(
+            || try_zeroed::<f32>(scratch, "second-moment strip"),
+            |tile, &start| -> CoreResult<()> {
+                let tile = tile.as_mut().map_err(|_| CoreError::OutOfMemory {
+                    what: "second-moment strip",
+                    bytes: scratch * 4,
+                })?;
+                let r = start..(start + block).min(dim);
+                // SAFETY: strips cover disjoint row ranges of `sum`, `r` and `c` lie inside 0..dim,
+                // and `x` holds rows×dim elements.
+                unsafe { accumulate_tile(x, rows, dim, r.clone(), start..dim, sum, tile) };
                 Ok(())
             },
         )
@@ -302,7 +323,7 @@ fn row_is_finite<T: Element>(row: ArrayView1<'_, T>) -> bool {
     }
 }
 
-/// Computes tile (r, c) of XᵀX and adds it into `sum[r, c]`.
+/// Computes block (r, c) of XᵀX and adds it into `sum[r, c]`.
 ///
 /// # Safety
 /// `x` must hold `rows * dim` elements; `r` and `c` must lie in `0..dim`; no other thread may touch
