@@ -25,7 +25,7 @@ def make(n: int, d: int, clusters: int, planted: float, seed: int) -> tuple[np.n
     rotation, _ = np.linalg.qr(rng.standard_normal((d, d)))
     scale = rng.uniform(0.5, 2.0, size=(n, 1)).astype(np.float32)
     residuals = (keys @ rotation.astype(np.float32)) * scale
-    rows = np.sort(rng.choice(n, size=int(round(planted * n)), replace=False))
+    rows = np.sort(rng.choice(n, size=round(planted * n), replace=False))
     residuals[rows] = rng.standard_normal((rows.size, d), dtype=np.float32)
     return keys, residuals, rows
 
@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="facts (default %(default)s)")
     parser.add_argument("--d", type=int, default=1024, help="dimension (default %(default)s)")
     parser.add_argument("--clusters", type=int, default=64, help="key clusters (default %(default)s)")
-    parser.add_argument("--planted", type=float, default=0.02, help="misaligned fraction (default %(default)s)")
+    parser.add_argument(
+        "--planted", type=float, default=0.02, help="misaligned fraction (default %(default)s)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     keys, residuals, rows = make(args.n, args.d, args.clusters, args.planted, args.seed)
