@@ -1,6 +1,8 @@
 """eamet: massive knowledge editing of Hugging Face causal LMs (EAMET and MEMIT), with a Rust core.
 
-Available now: the model-free embedding-misalignment diagnostic and the second-moment accumulator.
+Editing: ``Editor(model, tokenizer).edit(facts)`` (EAMET or MEMIT) returns an undoable, saveable
+``EditResult``. Diagnostics: ``misalignment(keys, residuals)``, importable and runnable without torch
+(the editing names import torch on first use).
 
     >>> import numpy as np, eamet
     >>> keys = np.random.default_rng(0).normal(size=(1000, 64))
@@ -9,20 +11,48 @@ Available now: the model-free embedding-misalignment diagnostic and the second-m
     0.0
 """
 
+from typing import TYPE_CHECKING, Any
+
 from eamet import errors
 from eamet._core import __version__, get_num_threads, set_num_threads
+from eamet.arch import ArchSpec, known_architectures, register_arch
+from eamet.config import EditConfig
 from eamet.diagnostics import MisalignmentReport, misalignment, neighbors
 from eamet.errors import EametError
+from eamet.facts import Fact
 from eamet.moments import SecondMoment
 
+if TYPE_CHECKING:
+    from eamet.editor import Editor, EditResult
+
 __all__ = [
+    "ArchSpec",
     "EametError",
+    "EditConfig",
+    "EditResult",
+    "Editor",
+    "Fact",
     "MisalignmentReport",
     "SecondMoment",
     "__version__",
     "errors",
     "get_num_threads",
+    "known_architectures",
     "misalignment",
     "neighbors",
+    "register_arch",
     "set_num_threads",
 ]
+
+_LAZY = {"Editor": "eamet.editor", "EditResult": "eamet.editor"}
+
+
+def __getattr__(name: str) -> Any:
+    # The editing names need torch; importing them lazily keeps `import eamet` torch-free.
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'eamet' has no attribute {name!r}")

@@ -33,6 +33,7 @@ def neighbors(
     x: npt.NDArray[np.floating[Any]],
     top_m: int,
     *,
+    progressive: bool = False,
     block: int = 0,
     progress: _ProgressCallback | None = None,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
@@ -42,6 +43,10 @@ def set_num_threads(n: int) -> None: ...
 @final
 class SecondMoment:
     def __new__(cls, dim: int) -> SecondMoment: ...
+    @staticmethod
+    def from_sum(
+        total: npt.NDArray[np.floating[Any]], count: int, input_dtype: str = "float32"
+    ) -> SecondMoment: ...
     @property
     def dim(self) -> int: ...
     @property

@@ -110,6 +110,101 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        layers = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated block indices, got {text!r}") from None
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative block indices, got {text!r}")
+    return layers
+
+
+def _edit_config(args: argparse.Namespace, model: Any) -> Any:
+    from eamet.config import EditConfig
+
+    if args.config:
+        config = EditConfig.from_json(args.config)
+    elif args.preset:
+        config = EditConfig.preset(args.preset, method=args.method)
+    else:
+        config = EditConfig.for_model(model, args.method)
+    changes: dict[str, Any] = {}
+    if args.layers is not None:
+        changes["layers"] = args.layers
+        if len(config.mom2_update_weight) != len(args.layers):
+            changes["mom2_update_weight"] = (config.mom2_update_weight[-1],) * len(args.layers)
+    if args.samples is not None:
+        changes["mom2_n_samples"] = args.samples
+    if args.seed is not None:
+        changes["seed"] = args.seed
+    return config.replace(**changes) if changes else config
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from eamet.editor import Editor
+    from eamet.loading import load_facts, load_model
+
+    facts = load_facts(args.facts)  # before the (slow) model load: bad facts fail fast
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    config = _edit_config(args, model)
+    editor = Editor(model, tokenizer, config=config, corpus=args.corpus, cache_dir=args.cache_dir)
+    result = editor.edit(facts, checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+    result.save(args.out)
+    summary = result.summary()
+    print(
+        f"edited {summary['facts']} facts with {config.method} at layers {list(config.layers)}: mean NLL "
+        f"{summary['mean']['nll']:.4f}, residual step {summary['residual_seconds']:.1f} s, misalignment "
+        f"total {summary['misalignment_total']}"
+    )
+    print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "edit", "out": str(args.out), **summary}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    from eamet.covariance import CovarianceCollector, default_cache_dir
+    from eamet.loading import load_model
+    from eamet.parts import ModelParts
+    from eamet.tokens import TokenAdapter
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    parts = ModelParts(model)
+    out = Path(args.out) if args.out else default_cache_dir()
+    collector = CovarianceCollector(
+        model,
+        parts,
+        TokenAdapter(tokenizer, args.bos),
+        corpus=args.corpus,
+        n_samples=args.samples,
+        max_length=args.max_length,
+        dtype=args.stats_dtype,
+        cache_dir=out,
+        progress=not args.no_progress,
+    )
+    rows = []
+    for layer, acc in collector.moments(args.layers).items():
+        path = collector.cache_path({k: v for k, v in acc.metadata.items() if k != "tokens"})
+        print(f"layer {layer}: {acc.dim}x{acc.dim} from {acc.count} tokens -> {path}")
+        rows.append({"layer": layer, "dim": acc.dim, "tokens": acc.count, "path": str(path)})
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "stats", "layers": rows}, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="hub id or local directory of a causal LM")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights' dtype"
+    )
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--json", metavar="PATH", help="also write a JSON summary")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``eamet`` command."""
     parser = argparse.ArgumentParser(
@@ -152,6 +247,55 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="hide the progress bar (shown only on a terminal)"
     )
     diagnose.set_defaults(run=_cmd_diagnose)
+
+    edit = commands.add_parser(
+        "edit",
+        help="edit facts (JSONL) into a model; writes the edit as a .safetensors file",
+        description=(
+            "Edits every fact of FACTS.jsonl (records {prompt, subject, target} or the ROME/CounterFact "
+            "request format) into the model and saves the edit (apply it with "
+            "eamet.EditResult.load(path).apply(model)). The model files are not modified."
+        ),
+    )
+    _model_options(edit)
+    edit.add_argument("--facts", required=True, help="facts, one JSON record per line (or a .json list)")
+    edit.add_argument("--out", required=True, help="where to write the edit (.safetensors)")
+    edit.add_argument("--method", choices=("eamet", "memit"), default="eamet", help="(default %(default)s)")
+    choice = edit.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--preset", help="reference settings of a model, e.g. llama2-7b (see EditConfig.preset)"
+    )
+    choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
+    edit.add_argument("--layers", type=_layers, help="edited blocks, e.g. 3,4 (default: from the config)")
+    edit.add_argument("--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path or hf:<dataset>[:<config>]")
+    edit.add_argument(
+        "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
+    )
+    edit.add_argument("--cache-dir", help="statistics cache (default ~/.cache/eamet/stats)")
+    edit.add_argument("--checkpoint-dir", help="save each fact's residual here; a rerun resumes")
+    edit.add_argument("--seed", type=int, help="seed of the context templates (default: from the config)")
+    edit.set_defaults(run=_cmd_edit)
+
+    stats = commands.add_parser(
+        "stats",
+        help="collect C = E[kkᵀ] of the edited layers' MLP inputs over a corpus (cached)",
+        description="Collects the covariance statistics an edit needs, ahead of time, into the cache.",
+    )
+    _model_options(stats)
+    stats.add_argument("--layers", type=_layers, required=True, help="blocks, e.g. 3,4")
+    stats.add_argument(
+        "--corpus", required=True, help=".txt (one document per line), .jsonl, or hf:<dataset>"
+    )
+    stats.add_argument(
+        "--samples", type=_positive_int, default=100_000, help="documents (default %(default)s)"
+    )
+    stats.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per document")
+    stats.add_argument(
+        "--stats-dtype", choices=("float32", "float64"), default="float32", help="product precision"
+    )
+    stats.add_argument("--bos", choices=("native", "always", "never"), default="native", help="BOS policy")
+    stats.add_argument("--out", help="cache directory (default ~/.cache/eamet/stats)")
+    stats.set_defaults(run=_cmd_stats)
     return parser
 
 

@@ -208,17 +208,22 @@ def misalignment(
     )
 
 
-def neighbors(x: Any, top_m: int, *, progress: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's ``top_m`` most cosine-similar other rows.
+def neighbors(
+    x: Any, top_m: int, *, progressive: bool = False, progress: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's ``top_m`` most cosine-similar other rows (only earlier rows when ``progressive``).
 
     Args:
         x: (N, d) numpy array or torch tensor, N >= 2.
         top_m: neighbours per row (>= 1; clamped to N - 1).
+        progressive: row i's candidates are the rows j < i (as in :func:`misalignment`) instead of
+            every j != i; row i then has min(M, i) neighbours and row 0 none.
         progress: show a progress bar; ``None`` shows one from 20,000 rows on.
 
     Returns:
         ``(indices, sims)``: (N, M) int64 neighbour indices, best first (ties: smaller index), and
-        (N, M) float32 cosine similarities, with M = min(top_m, N - 1). Self is never included.
+        (N, M) float32 cosine similarities, with M = min(top_m, N - 1). Self is never included. Slots
+        beyond a row's candidates (only with ``progressive``) hold index -1 and similarity NaN.
 
     Raises:
         The errors of :func:`misalignment`, naming ``x``.
@@ -226,4 +231,4 @@ def neighbors(x: Any, top_m: int, *, progress: bool | None = None) -> tuple[np.n
     m = _check_top_m(top_m)
     a = as_float_matrix(x, "x")
     with progress_callback(_show_progress(progress, a.shape[0] if a.ndim else 0), "neighbors") as cb:
-        return _core.neighbors(a, m, progress=cb)
+        return _core.neighbors(a, m, progressive=bool(progressive), progress=cb)

@@ -12,13 +12,18 @@ from typing import Any
 
 __all__ = [
     "CacheError",
+    "CorpusError",
     "DTypeError",
     "EametError",
+    "EditMismatchError",
     "EmptyError",
+    "FactError",
     "MissingDependencyError",
     "NonFiniteError",
     "ParameterError",
     "ShapeError",
+    "SolveError",
+    "UnsupportedArchitectureError",
     "ZeroNormError",
 ]
 
@@ -82,3 +87,29 @@ class CacheError(EametError, ValueError):
 
 class MissingDependencyError(EametError, ImportError):
     """An optional dependency (an extra such as ``eamet[plot]``) is needed but not installed."""
+
+
+class FactError(EametError, ValueError):
+    """A fact (edit request) is malformed, duplicated or conflicting; ``row`` is its 0-based index."""
+
+
+class UnsupportedArchitectureError(EametError, ValueError):
+    """The model's ``config.model_type`` is not in the architecture registry, or its modules do not match
+    the registered entry. Register it with :func:`eamet.register_arch`.
+    """
+
+
+class EditMismatchError(EametError, ValueError):
+    """An edit cannot be applied or undone on this model: its architecture, shapes or weights differ from
+    the ones the edit was made on.
+    """
+
+
+class CorpusError(EametError, ValueError):
+    """The text corpus for the covariance statistics cannot be read or holds no usable text."""
+
+
+class SolveError(EametError, ArithmeticError):
+    """The update's linear system λC + KKᵀ is not positive definite (λ = 0 with fewer facts than key
+    dimensions, or a degenerate covariance); ``argument`` names the layer setting to raise.
+    """

@@ -5,6 +5,7 @@ self-describing file format. MEMIT and EAMET use C = E[k kᵀ] of an MLP project
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import threading
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ import numpy as np
 
 from eamet import _core
 from eamet._arrays import as_float_matrix
-from eamet.errors import CacheError, DTypeError
+from eamet.errors import CacheError, DTypeError, ParameterError
 
 __all__ = ["SecondMoment"]
 
@@ -42,6 +43,49 @@ class SecondMoment:
         self._acc = _core.SecondMoment(dim)
         self._lock = threading.Lock()
         self.metadata: dict[str, Any] = {}
+
+    @classmethod
+    def from_sum(
+        cls,
+        total: Any,
+        count: int,
+        *,
+        input_dtype: str = "float32",
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SecondMoment:
+        """An accumulator holding an already-accumulated Σ x xᵀ, e.g. summed on a GPU, so that it can
+        be merged with others and saved in the same file format.
+
+        Args:
+            total: (dim, dim) Σ x xᵀ over ``count`` rows, numpy array or torch tensor (any device);
+                float64 is kept as is, float32 widened. Only the upper triangle (diagonal included) is
+                read, as :meth:`update` keeps it; it need not be exactly symmetric. Must be finite.
+            count: number of rows summed into ``total`` (>= 1).
+            input_dtype: element type of those rows: ``"float32"``, ``"float64"`` or ``"mixed"``.
+            metadata: initial :attr:`metadata` (default: empty).
+
+        Raises:
+            ShapeError: ``total`` not 2-D or not square.  NonFiniteError: names the first bad row.
+            ParameterError: ``count`` < 1 or ``input_dtype`` unknown.  DTypeError: non-float values.
+        """
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+            raise ParameterError(f"count: must be an integer, got {count!r}", argument="count")
+        if not 1 <= count < 2**63:
+            raise ParameterError(f"count: must be in [1, 2**63), got {count}", argument="count")
+        if not isinstance(input_dtype, str):
+            raise ParameterError(
+                f"input_dtype: must be a string, got {input_dtype!r}", argument="input_dtype"
+            )
+        array = as_float_matrix(total, "total")
+        return cls._wrap(_core.SecondMoment.from_sum(array, int(count), input_dtype), dict(metadata or {}))
+
+    @classmethod
+    def _wrap(cls, acc: _core.SecondMoment, metadata: dict[str, Any]) -> SecondMoment:
+        obj = cls.__new__(cls)
+        obj._acc = acc
+        obj._lock = threading.Lock()
+        obj.metadata = metadata
+        return obj
 
     @property
     def dim(self) -> int:
@@ -102,17 +146,13 @@ class SecondMoment:
         foreign file and ``OSError`` (e.g. ``FileNotFoundError``) when it cannot be read.
         """
         acc, meta_json = _core.SecondMoment.load(os.fspath(path))
-        obj = cls.__new__(cls)
-        obj._acc = acc
-        obj._lock = threading.Lock()
         try:
             meta = json.loads(meta_json) if meta_json else {}
         except json.JSONDecodeError as exc:
             raise CacheError(f"{path}: metadata is not valid JSON ({exc})", path=str(path)) from exc
         if not isinstance(meta, dict):
             raise CacheError(f"{path}: metadata is not a JSON object", path=str(path))
-        obj.metadata = meta
-        return obj
+        return cls._wrap(acc, meta)
 
     def __repr__(self) -> str:
         return f"SecondMoment(dim={self.dim}, count={self.count}, input_dtype='{self.input_dtype}')"

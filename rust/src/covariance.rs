@@ -79,6 +79,47 @@ impl SecondMoment {
         })
     }
 
+    /// An accumulator holding an already-accumulated sum `total` = Σ x xᵀ (dim×dim, any strides) over
+    /// `count` rows whose element type was `input_dtype` ("float32", "float64" or "mixed"), e.g. one
+    /// summed on a GPU. Only the upper triangle (diagonal included) is read, as `update` keeps it; the
+    /// whole matrix must be finite.
+    pub fn from_sum<T: Element>(total: ArrayView2<'_, T>, count: u64, input_dtype: &str) -> CoreResult<Self> {
+        let (rows, cols) = total.dim();
+        if rows != cols {
+            return Err(CoreError::shape("total", format!("must be square, got {rows}x{cols}")));
+        }
+        if rows == 0 {
+            return Err(CoreError::empty("total", "is 0x0"));
+        }
+        if count == 0 {
+            return Err(CoreError::parameter("count", "must be at least 1, got 0"));
+        }
+        let seen = match input_dtype {
+            "float32" => f32::FLAG,
+            "float64" => f64::FLAG,
+            "mixed" => f32::FLAG | f64::FLAG,
+            other => {
+                return Err(CoreError::parameter(
+                    "input_dtype",
+                    format!("must be 'float32', 'float64' or 'mixed', got '{other}'"),
+                ))
+            }
+        };
+        let first_bad = (0..rows).into_par_iter().filter(|&i| !row_is_finite(total.row(i))).min();
+        if let Some(row) = first_bad {
+            return Err(CoreError::NonFinite { argument: "total".into(), row });
+        }
+        let mut acc = Self::new(rows)?;
+        acc.sum.par_chunks_mut(rows).enumerate().for_each(|(i, out)| {
+            for (o, &v) in out[i..].iter_mut().zip(total.row(i).slice(ndarray::s![i..])) {
+                *o = v.into();
+            }
+        });
+        acc.count = count;
+        acc.seen = seen;
+        Ok(acc)
+    }
+
     pub fn dim(&self) -> usize {
         self.dim
     }
@@ -495,6 +536,37 @@ mod tests {
         assert_eq!(acc.moment().unwrap(), before);
         assert_eq!(acc.count(), 5);
         assert!(matches!(SecondMoment::new(2).unwrap().moment(), Err(CoreError::Empty { .. })));
+    }
+
+    #[test]
+    fn from_sum_equals_update_and_reads_the_upper_triangle() {
+        let x = random(8, 40, 7);
+        let mut streamed = SecondMoment::new(7).unwrap();
+        streamed.update(x.view()).unwrap();
+        let mut total = x.t().dot(&x);
+        for i in 1..7 {
+            total[(i, 0)] = 1e9; // the lower triangle is ignored
+        }
+        let acc = SecondMoment::from_sum(total.view(), 40, "float64").unwrap();
+        let (got, want) = (acc.moment().unwrap(), streamed.moment().unwrap());
+        assert!(got.iter().zip(&want).all(|(p, q)| (p - q).abs() <= 1e-12 * q.abs().max(1e-3)));
+        assert_eq!((acc.count(), acc.input_dtype()), (40, "float64"));
+        let single = total.mapv(|v| v as f32);
+        let strided = SecondMoment::from_sum(single.t(), 3, "mixed").unwrap();
+        assert_eq!((strided.dim(), strided.input_dtype()), (7, "mixed"));
+        assert_eq!(strided.moment().unwrap()[7], (total[(1, 0)] as f32) as f64 / 3.0, "transposed view");
+
+        total[(5, 6)] = f64::INFINITY;
+        assert!(matches!(
+            SecondMoment::from_sum(total.view(), 40, "float64"),
+            Err(CoreError::NonFinite { row: 5, .. })
+        ));
+        let ok = x.t().dot(&x);
+        assert!(matches!(SecondMoment::from_sum(ok.view(), 0, "float64"), Err(CoreError::Parameter { .. })));
+        assert!(matches!(SecondMoment::from_sum(ok.view(), 1, "none"), Err(CoreError::Parameter { .. })));
+        assert!(matches!(SecondMoment::from_sum(x.view(), 1, "float32"), Err(CoreError::Shape { .. })));
+        let empty = Array2::<f64>::zeros((0, 0));
+        assert!(matches!(SecondMoment::from_sum(empty.view(), 1, "float32"), Err(CoreError::Empty { .. })));
     }
 
     #[test]

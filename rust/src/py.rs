@@ -19,7 +19,7 @@ use crate::covariance::SecondMoment;
 use crate::error::{CoreError, CoreResult};
 use crate::misalign::{misalignment as misalignment_kernel, MisalignParams};
 use crate::pool::{self, Control};
-use crate::topm::neighbors as neighbors_kernel;
+use crate::topm::neighbor_lists;
 
 /// Builds an instance of `eamet.errors.<class>` with keyword attributes.
 fn eamet_error(py: Python<'_>, class: &str, message: String, attrs: &[(&str, Py<PyAny>)]) -> PyErr {
@@ -230,13 +230,15 @@ fn misalignment<'py>(
 /// `(indices, similarities)`, both N×M.
 type NeighborArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>);
 
-/// Per-row top-M neighbours by cosine, self excluded; see `eamet.neighbors`.
+/// Per-row top-M neighbours by cosine, self excluded (only earlier rows when `progressive`); see
+/// `eamet.neighbors`.
 #[pyfunction]
-#[pyo3(signature = (x, top_m, *, block=0, progress=None))]
+#[pyo3(signature = (x, top_m, *, progressive=false, block=0, progress=None))]
 fn neighbors<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
     top_m: i64,
+    progressive: bool,
     block: i64,
     progress: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<NeighborArrays<'py>> {
@@ -246,11 +248,11 @@ fn neighbors<'py>(
     let out = match &x {
         FloatMatrix::F32(a) => {
             let v = a.as_array();
-            run_interruptible(py, progress, |c| neighbors_kernel(v, top_m, block, c))?
+            run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
         }
         FloatMatrix::F64(a) => {
             let v = a.as_array();
-            run_interruptible(py, progress, |c| neighbors_kernel(v, top_m, block, c))?
+            run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
         }
     };
     let (n, m) = (out.n, out.m);
@@ -269,6 +271,25 @@ impl PySecondMoment {
     fn new(py: Python<'_>, dim: i64) -> PyResult<Self> {
         let dim = usize_arg(py, dim, "dim", 1)?;
         Ok(Self { inner: SecondMoment::new(dim).map_err(|e| core_to_py(py, e))? })
+    }
+
+    /// An accumulator from an already-accumulated Σ x xᵀ (upper triangle read) over `count` rows.
+    #[staticmethod]
+    #[pyo3(signature = (total, count, input_dtype="float32"))]
+    fn from_sum(py: Python<'_>, total: &Bound<'_, PyAny>, count: i64, input_dtype: &str) -> PyResult<Self> {
+        let count = usize_arg(py, count, "count", 1)? as u64;
+        let total = FloatMatrix::extract(total, "total")?;
+        let result = match &total {
+            FloatMatrix::F32(a) => {
+                let v = a.as_array();
+                py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
+            }
+            FloatMatrix::F64(a) => {
+                let v = a.as_array();
+                py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
+            }
+        };
+        Ok(Self { inner: result.map_err(|e| core_to_py(py, e))? })
     }
 
     #[getter]

@@ -162,11 +162,25 @@ pub struct Neighbors {
 
 /// For every row of `x`, its `top_m` most cosine-similar other rows (self excluded).
 ///
-/// `top_m` is clamped to N − 1. Symmetric tiles: each upper-triangle tile feeds its row block and,
-/// transposed, its column block.
+/// `top_m` is clamped to N − 1. Same as [`neighbor_lists`] with `progressive = false`.
 pub fn neighbors<T: Element>(
     x: ArrayView2<'_, T>,
     top_m: usize,
+    block: usize,
+    control: &Control,
+) -> CoreResult<Neighbors> {
+    neighbor_lists(x, top_m, false, block, control)
+}
+
+/// [`neighbors`] over the support j ≠ i, or with `progressive` only j < i (earlier rows), so that
+/// row i has min(M, i) neighbours and `-1`/NaN padding after them.
+///
+/// Symmetric tiles: each upper-triangle tile feeds its row block and, transposed, its column block;
+/// `progressive` masks the pairs offered to the heaps, not the tiles computed.
+pub fn neighbor_lists<T: Element>(
+    x: ArrayView2<'_, T>,
+    top_m: usize,
+    progressive: bool,
     block: usize,
     control: &Control,
 ) -> CoreResult<Neighbors> {
@@ -191,7 +205,7 @@ pub fn neighbors<T: Element>(
         || vec![0f32; block * block],
         |tile, (rows, cols)| -> CoreResult<()> {
             control.check()?;
-            neighbor_tile(&unit, rows.clone(), cols.clone(), block, tile, &banks);
+            neighbor_tile(&unit, rows.clone(), cols.clone(), block, progressive, tile, &banks);
             control.advance(1);
             Ok(())
         },
@@ -218,19 +232,24 @@ fn neighbor_tile(
     rows: Range<usize>,
     cols: Range<usize>,
     block: usize,
+    progressive: bool,
     tile: &mut [f32],
     banks: &[std::sync::Mutex<TopMBank>],
 ) {
     let (h, w) = (rows.len(), cols.len());
     cosine_tile(unit, rows.clone(), unit, cols.clone(), tile);
     let diagonal = rows.start == cols.start;
-    {
+    // Off the diagonal, the row side of an upper tile sees only later rows (j > i), which progressive
+    // excludes; the column side sees only earlier ones and always counts.
+    if diagonal || !progressive {
         let mut bank = banks[rows.start / block].lock().unwrap_or_else(|e| e.into_inner());
         for r in 0..h {
             let values = &tile[r * w..(r + 1) * w];
             if diagonal {
                 bank.offer_row(r, &values[..r], None, cols.start);
-                bank.offer_row(r, &values[r + 1..], None, cols.start + r + 1);
+                if !progressive {
+                    bank.offer_row(r, &values[r + 1..], None, cols.start + r + 1);
+                }
             } else {
                 bank.offer_row(r, values, None, cols.start);
             }
@@ -320,6 +339,50 @@ mod tests {
                 cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 for (k, &(want, _)) in cand.iter().take(5).enumerate() {
                     assert!((nb.sims[i * 5 + k] - want).abs() < 1e-5, "block {block} row {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn progressive_neighbors_are_earlier_rows_only_and_padded() {
+        let (n, d) = (41, 5);
+        let mut s = 7u64;
+        let x = Array2::from_shape_fn((n, d), |_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        });
+        let u = normalize_rows(x.view(), "x").unwrap();
+        // d = 1: every cosine is exactly ±1, so the lists are decided by the index tie-break alone.
+        let signs = Array2::from_shape_fn((n, 1), |(i, _)| if (i * 7) % 3 == 0 { -2.0f32 } else { 0.5 });
+        for block in [1, 7, 16, 64] {
+            for top_m in [4, 100] {
+                let nb = neighbor_lists(x.view(), top_m, true, block, &Control::new()).unwrap();
+                let m = top_m.min(n - 1);
+                assert_eq!((nb.n, nb.m), (n, m));
+                for i in 0..n {
+                    let mut cand: Vec<(f32, usize)> = (0..i)
+                        .map(|j| (u.row(i).iter().zip(u.row(j)).map(|(a, b)| a * b).sum(), j))
+                        .collect();
+                    cand.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                    let what = format!("block {block} top_m {top_m} row {i}");
+                    for k in 0..m {
+                        let (j, v) = (nb.indices[i * m + k], nb.sims[i * m + k]);
+                        match cand.get(k) {
+                            Some(&(want, _)) => {
+                                assert!(j >= 0 && (j as usize) < i && (v - want).abs() < 1e-5, "{what}")
+                            }
+                            None => assert!(j == -1 && v.is_nan(), "{what}"),
+                        }
+                    }
+                }
+                let ties = neighbor_lists(signs.view(), top_m, true, block, &Control::new()).unwrap();
+                for i in 0..n {
+                    let same = |j: usize| signs[(j, 0)] == signs[(i, 0)];
+                    let mut want: Vec<i64> = (0..i).filter(|&j| same(j)).map(|j| j as i64).collect();
+                    want.extend((0..i).filter(|&j| !same(j)).map(|j| j as i64));
+                    want.resize(m.max(want.len()), -1);
+                    assert_eq!(&ties.indices[i * m..(i + 1) * m], &want[..m], "ties, block {block} row {i}");
                 }
             }
         }

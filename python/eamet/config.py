@@ -1,0 +1,523 @@
+"""``EditConfig``: every setting of an EAMET or MEMIT edit, the reference presets, and JSON in/out.
+
+MEMIT and EAMET share one procedure; they differ only in settings (algorithm.md §9.1), so ``method``
+selects defaults and the optimiser never branches on it:
+
+================  ==========================  ==========================
+setting           EAMET                       MEMIT
+================  ==========================  ==========================
+delta_init        ``target_init``             ``zero``
+clamp             ``key_norm`` × 2 (c_k)      ``hidden_norm`` × 0.75
+norm_penalty      ``fix_ks`` × 0 (inactive)   ``squared_norm`` × 0.5
+cs / mse factor   2 / 8                       0 / 0 (facts independent)
+kl_anchor         ``initial_delta``           ``unedited`` (same: δ₀ = 0)
+early_stop_from   iteration 1                 iteration 0
+================  ==========================  ==========================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from eamet.arch import ArchSpec, arch_for
+from eamet.errors import ParameterError
+
+__all__ = ["PRESETS", "TEMPLATE_SEEDS", "EditConfig", "Method", "Preset"]
+
+Method = Literal["eamet", "memit"]
+FactToken = Literal["subject_last", "subject_first", "subject_first_after_last"]
+DeltaInit = Literal["target_init", "zero"]
+Clamp = Literal["key_norm", "hidden_norm", "none"]
+NormPenalty = Literal["none", "fix_ks", "norm", "squared_norm"]
+KlAnchor = Literal["initial_delta", "unedited"]
+BosPolicy = Literal["native", "always", "never"]
+Solver = Literal["cholesky", "inverse"]
+StatsDType = Literal["float32", "float64"]
+TeacherForcing = Literal["ids", "string"]
+
+# algorithm.md §2: the reference's 12 seed words ("Because" twice, kept for fidelity).
+TEMPLATE_SEEDS: tuple[str, ...] = (
+    "The",
+    "Therefore",
+    "Because",
+    "I",
+    "You",
+    "However",
+    "Also",
+    "Nevertheless",
+    "He",
+    "It",
+    "Can",
+    "Because",
+)
+
+# The reference's covariance corpus (§6.3). Its loader script is gone from current `datasets`, so
+# loading it normally fails offline *and* online; pass another corpus (see covariance.py).
+REFERENCE_CORPUS = "hf:wikipedia:20200501.en"
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """All settings of one edit. Defaults are the reference EAMET values for LLaMA-2-7B.
+
+    Names follow the reference hparams where one exists (``v_lr``, ``mom2_update_weight`` ...);
+    :meth:`from_json` reads the reference JSON files. Every deliberate difference from the reference has
+    a switch here; docs/differences.md lists them.
+    """
+
+    method: Method = "eamet"
+    layers: tuple[int, ...] = (3, 4)
+    """Edited blocks, increasing; the residual is optimised at the last one (l*)."""
+    fact_token: FactToken = "subject_last"
+
+    # Residual optimisation (algorithm.md §4).
+    v_num_grad_steps: int = 25
+    """Iterations S; at most S - 1 Adam steps are taken."""
+    v_lr: float = 0.5
+    """Adam learning rate. The reference JSON says 0.04 but its launcher passes 0.5 (§4.4)."""
+    v_loss_layer: int | None = None
+    """Block whose output is scored; None = the last block, i.e. the model's own logits."""
+    kl_factor: float = 0.0625
+    cs_factor: float = 2.0
+    """Weight of the alignment KL over earlier facts (0 makes facts independent)."""
+    mse_factor: float = 8.0
+    """Weight of the top-M weighted cosine MSE."""
+    tau: float = 0.07
+    top_m: int = 50
+    eps: float = 1e-8
+    delta_init: DeltaInit = "target_init"
+    target_init_max_norm: float = 100.0
+    """``target_init`` starts from (κ/‖h‖)·h only when ‖h‖ is below this (reference: 100)."""
+    clamp: Clamp = "key_norm"
+    clamp_factor: float = 2.0
+    """Ball radius: clamp_factor·‖key‖ (``key_norm``, EAMET's c_k) or clamp_factor·‖h‖ (``hidden_norm``)."""
+    norm_penalty: NormPenalty = "fix_ks"
+    norm_penalty_factor: float = 0.0
+    kl_anchor: KlAnchor = "initial_delta"
+    """Essence-KL anchor: with δ₀ injected (the reference's EAMET behaviour) or the unedited model."""
+    early_stop_loss: float = 0.01
+    early_stop_from: int = 1
+    essence_prompt: str = "{} is a"
+    teacher_forcing: TeacherForcing = "ids"
+    """``ids``: prompt ids ⊕ target ids (ours); ``string``: re-tokenised prompt text ⊕ decoded target
+    prefix, scored at the last T positions (the reference; differs where tokens merge across the seam).
+    """
+
+    # Context templates (§2).
+    template_seeds: tuple[str, ...] = TEMPLATE_SEEDS
+    template_length: int = 10
+    template_temperature: float = 0.5
+    template_top_k: int = 100
+    template_top_p: float = 0.9
+    seed: int | None = 0
+    """Seed of template sampling; None = unseeded (the reference's behaviour; not reproducible)."""
+
+    # Tokenisation and keys (§1, §3).
+    bos: BosPolicy = "native"
+    """Prepend BOS as the tokenizer does by itself (``native``), always, or never."""
+    key_batch_size: int = 128
+
+    # The update (§6).
+    mom2_update_weight: tuple[float, ...] = (4000.0, 4000.0)
+    """λ per edited layer, scaling C = E[k kᵀ] in Δ(λC + KKᵀ) = RKᵀ."""
+    solver: Solver = "cholesky"
+    """``cholesky`` (ours) or ``inverse`` (the reference's explicit float64 inverse)."""
+
+    # Covariance statistics (§6.3).
+    mom2_dataset: str = REFERENCE_CORPUS
+    mom2_n_samples: int = 100_000
+    mom2_dtype: StatsDType = "float32"
+    mom2_max_length: int = 1024
+    """Tokens per document (truncation), independent of the model's max_position_embeddings."""
+
+    modules: ArchSpec | None = field(default=None, compare=True)
+    """Module paths overriding the registry (set by :meth:`from_json` from ``rewrite_module_tmp`` etc.)."""
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "method", Method)
+        _check_choice(self, "fact_token", FactToken)
+        _check_choice(self, "delta_init", DeltaInit)
+        _check_choice(self, "clamp", Clamp)
+        _check_choice(self, "norm_penalty", NormPenalty)
+        _check_choice(self, "kl_anchor", KlAnchor)
+        _check_choice(self, "bos", BosPolicy)
+        _check_choice(self, "solver", Solver)
+        _check_choice(self, "mom2_dtype", StatsDType)
+        _check_choice(self, "teacher_forcing", TeacherForcing)
+        layers = tuple(self.layers)
+        if not layers or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers):
+            raise ParameterError(f"layers must be non-negative ints, got {self.layers!r}", argument="layers")
+        if list(layers) != sorted(set(layers)):
+            raise ParameterError(f"layers must be increasing and distinct, got {layers}", argument="layers")
+        object.__setattr__(self, "layers", layers)
+        weights = tuple(float(w) for w in self.mom2_update_weight)
+        if len(weights) == 1 and len(layers) > 1:
+            weights = weights * len(layers)
+        if len(weights) != len(layers) or not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ParameterError(
+                f"mom2_update_weight needs one finite λ >= 0 per layer ({len(layers)}), got {weights}",
+                argument="mom2_update_weight",
+            )
+        object.__setattr__(self, "mom2_update_weight", weights)
+        object.__setattr__(self, "template_seeds", tuple(self.template_seeds))
+        for name in ("v_num_grad_steps", "top_m", "key_batch_size", "mom2_n_samples", "mom2_max_length"):
+            _check_int(self, name, minimum=1)
+        _check_int(self, "template_length", minimum=0)
+        _check_int(self, "early_stop_from", minimum=0)
+        for name in ("v_lr", "tau", "eps", "template_temperature", "target_init_max_norm"):
+            _check_float(self, name, positive=True)
+        for name in (
+            "kl_factor",
+            "cs_factor",
+            "mse_factor",
+            "clamp_factor",
+            "norm_penalty_factor",
+            "early_stop_loss",
+        ):
+            _check_float(self, name, positive=False)
+        if not 0 < self.template_top_p <= 1:
+            raise ParameterError(f"template_top_p must be in (0, 1], got {self.template_top_p}")
+        _check_int(self, "template_top_k", minimum=0)
+        if self.essence_prompt.count("{}") != 1:
+            raise ParameterError(f"essence_prompt needs exactly one '{{}}', got {self.essence_prompt!r}")
+        if self.v_loss_layer is not None and self.v_loss_layer < layers[-1]:
+            raise ParameterError(
+                f"v_loss_layer {self.v_loss_layer} is before the last edited layer {layers[-1]}",
+                argument="v_loss_layer",
+            )
+
+    # -- construction ----------------------------------------------------------------------------------
+
+    @classmethod
+    def for_method(cls, method: Method = "eamet", **overrides: Any) -> EditConfig:
+        """The reference defaults of ``method`` (LLaMA-2-7B values), with ``overrides`` applied."""
+        _check_method(method)
+        return cls(**{**_METHOD_DEFAULTS[method], **overrides})
+
+    @classmethod
+    def preset(cls, name: str, method: Method = "eamet") -> EditConfig:
+        """The reference settings for one model of algorithm.md §7, e.g. ``preset("llama2-7b")``.
+
+        Names (case-insensitive): see :data:`PRESETS`. ``phi-1.5`` exists for MEMIT only, as in the
+        reference. Raises ``ParameterError`` for an unknown name.
+        """
+        _check_method(method)
+        key = name.strip().lower().replace("_", "-")
+        key = _PRESET_ALIASES.get(key, key)
+        entry = PRESETS.get(key)
+        if entry is None:
+            raise ParameterError(
+                f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}", argument="name"
+            )
+        values = entry.eamet if method == "eamet" else entry.memit
+        if values is None:
+            raise ParameterError(f"preset {name!r} has no {method} configuration in the reference")
+        return cls.for_method(method, **values)
+
+    @classmethod
+    def for_model(cls, model: Any, method: Method = "eamet", **overrides: Any) -> EditConfig:
+        """Sensible settings for any registered model, tiny or unknown.
+
+        Edits two consecutive blocks ending near 1/8 of the depth (blocks 3-4 of 32, as the reference),
+        never the last block, a single block for 1-3-block models. λ is the method's LLaMA-2-7B value
+        scaled by d_ff / 11008: C is a mean second moment, so λ is an effective token count and smaller
+        keys spaces need fewer. Override anything with keyword arguments.
+        """
+        _check_method(method)
+        arch_for(model)  # raises UnsupportedArchitectureError early
+        config = model.config
+        n_layers = _first_attr(config, ("num_hidden_layers", "n_layer", "num_layers"))
+        d_ff = _first_attr(config, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"), None)
+        hidden = _first_attr(config, ("hidden_size", "n_embd", "d_model"))
+        if d_ff is None:
+            d_ff = 4 * hidden
+        last = min(max(1, round(n_layers / 8)), max(0, n_layers - 2))
+        layers = (last,) if last == 0 or n_layers < 4 else (last - 1, last)
+        base = cls.for_method(method).mom2_update_weight[0]
+        lam = round(base * d_ff / 11008, 1)
+        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        values: dict[str, Any] = {"layers": layers, "mom2_update_weight": (lam,) * len(layers)}
+        if isinstance(max_pos, int):
+            values["mom2_max_length"] = min(1024, max_pos)
+        return cls.for_method(method, **{**values, **overrides})
+
+    def replace(self, **changes: Any) -> EditConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- JSON ------------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (our format); :meth:`from_dict` restores it exactly."""
+        out = dataclasses.asdict(self)
+        for key, value in out.items():
+            if isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    def to_json(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The settings as JSON text, also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n", encoding="utf-8")
+        return text
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EditConfig:
+        """Inverse of :meth:`to_dict`. Raises ``ParameterError`` for an unknown key."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ParameterError(f"unknown EditConfig keys: {', '.join(unknown)}")
+        values = dict(data)
+        if isinstance(values.get("modules"), Mapping):
+            values["modules"] = ArchSpec(**values["modules"])
+        for key in ("layers", "mom2_update_weight", "template_seeds"):
+            if key in values:
+                values[key] = tuple(values[key])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, source: str | os.PathLike[str] | Mapping[str, Any]) -> EditConfig:
+        """Reads our JSON (:meth:`to_json`) or a reference ``hparams/{EAMET,MEMIT}/*.json`` file.
+
+        ``source`` is a path, JSON text or a parsed dict. Reference files are recognised by their keys
+        (``v_num_grad_steps`` ...); EAMET vs MEMIT by ``weight_decay_method``/``cs_factor``. Reference keys
+        the algorithm never reads (``ks_bs``, ``layer_selection`` ...) are ignored; unknown keys warn.
+        """
+        data: Any
+        if isinstance(source, Mapping):
+            data = source
+        else:
+            text = str(source)
+            is_text = isinstance(source, str) and text.lstrip().startswith("{")
+            data = json.loads(text if is_text else Path(source).read_text(encoding="utf-8"))
+        if not isinstance(data, Mapping):
+            raise ParameterError("a config JSON must hold an object")
+        if "method" in data or not ({"v_num_grad_steps", "rewrite_module_tmp"} & set(data)):
+            return cls.from_dict(data)
+        return _from_reference(data)
+
+
+def _from_reference(data: Mapping[str, Any]) -> EditConfig:
+    """Maps reference hparams keys onto EditConfig (algorithm.md §4.3c and §7)."""
+    decay_method = data.get("weight_decay_method")
+    method: Method = "eamet" if decay_method == "fix_ks" or "cs_factor" in data else "memit"
+    v: dict[str, Any] = {}
+    direct = (
+        "layers",
+        "fact_token",
+        "v_num_grad_steps",
+        "v_lr",
+        "v_loss_layer",
+        "kl_factor",
+        "cs_factor",
+        "mse_factor",
+        "tau",
+        "delta_init",
+        "mom2_n_samples",
+        "mom2_dtype",
+    )
+    for key in direct:
+        if key in data:
+            v[key] = data[key]
+    if "layers" in v:
+        v["layers"] = tuple(v["layers"])
+    weight = data.get("mom2_update_weight")
+    if weight is not None:
+        v["mom2_update_weight"] = tuple(weight) if isinstance(weight, Sequence) else (float(weight),)
+    if decay_method == "fix_ks":
+        v.update(
+            clamp="key_norm",
+            clamp_factor=data.get("clamp_ks_factor", 2.0),
+            norm_penalty="fix_ks",
+            norm_penalty_factor=data.get("norm_factor", 0.0),
+        )
+    elif decay_method == "norm":
+        v.update(
+            clamp="hidden_norm",
+            clamp_factor=data.get("clamp_norm_factor", 0.75),
+            norm_penalty="norm",
+            norm_penalty_factor=data.get("v_weight_decay", 0.5),
+        )
+    else:
+        v.update(
+            clamp="hidden_norm",
+            clamp_factor=data.get("clamp_norm_factor", 0.75),
+            norm_penalty="squared_norm",
+            norm_penalty_factor=data.get("v_weight_decay", 0.5),
+        )
+    if data.get("mom2_dataset") == "wikipedia":
+        v["mom2_dataset"] = REFERENCE_CORPUS
+    elif isinstance(data.get("mom2_dataset"), str):
+        v["mom2_dataset"] = data["mom2_dataset"]
+    layer_tmp, rewrite_tmp = data.get("layer_module_tmp"), data.get("rewrite_module_tmp")
+    if isinstance(layer_tmp, str) and isinstance(rewrite_tmp, str):
+        v["modules"] = _spec_from_templates(layer_tmp, rewrite_tmp, data)
+    used = set(direct) | {
+        "mom2_update_weight",
+        "weight_decay_method",
+        "clamp_ks_factor",
+        "norm_factor",
+        "clamp_norm_factor",
+        "v_weight_decay",
+        "mom2_dataset",
+        "layer_module_tmp",
+        "rewrite_module_tmp",
+        "ln_f_module",
+        "lm_head_module",
+    }
+    unknown = sorted(set(data) - used - _REFERENCE_UNUSED)
+    if unknown:
+        warnings.warn(f"ignoring unknown hparams keys: {', '.join(unknown)}", stacklevel=3)
+    return EditConfig.for_method(method, **v)
+
+
+def _spec_from_templates(layer_tmp: str, rewrite_tmp: str, data: Mapping[str, Any]) -> ArchSpec:
+    # "model.layers.{}" + "model.layers.{}.mlp.down_proj" -> blocks "model.layers", rewrite "mlp.down_proj".
+    prefix = layer_tmp.split("{}")[0].rstrip(".")
+    if not layer_tmp.endswith("{}") or not rewrite_tmp.startswith(layer_tmp + "."):
+        raise ParameterError(f"cannot read module templates {layer_tmp!r} / {rewrite_tmp!r}")
+    final_norm = data.get("ln_f_module", "model.norm")
+    unembed = data.get("lm_head_module", "lm_head")
+    # The reference's templates never say the layout; Conv1D-style families come from the registry.
+    return ArchSpec(prefix, rewrite_tmp[len(layer_tmp) + 1 :], final_norm, unembed)
+
+
+_REFERENCE_UNUSED = {
+    "layer_selection",
+    "ks_bs",
+    "mom2_adjustment",
+    "mlp_module_tmp",
+    "attn_module_tmp",
+    "alg_name",
+    "model_name",
+    "context_template_length_params",
+}
+
+_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "eamet": {"method": "eamet"},
+    "memit": {
+        "method": "memit",
+        "delta_init": "zero",
+        "clamp": "hidden_norm",
+        "clamp_factor": 0.75,
+        "norm_penalty": "squared_norm",
+        "norm_penalty_factor": 0.5,
+        "cs_factor": 0.0,
+        "mse_factor": 0.0,
+        "kl_anchor": "unedited",
+        "early_stop_from": 0,
+        "mom2_update_weight": (15000.0, 15000.0),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One row of algorithm.md §7: the model the reference ran and its per-method overrides."""
+
+    model_id: str
+    eamet: dict[str, Any] | None
+    memit: dict[str, Any] | None
+
+
+def _row(
+    model_id: str,
+    v_loss: int,
+    bos: str,
+    max_len: int,
+    eamet_lambda: float | None,
+    c_k: float,
+    memit_lambda: float,
+    **memit_extra: Any,
+) -> Preset:
+    shared = {"v_loss_layer": v_loss, "bos": bos, "mom2_max_length": max_len}
+    eamet = (
+        None
+        if eamet_lambda is None
+        else {**shared, "mom2_update_weight": (eamet_lambda,) * 2, "clamp_factor": c_k}
+    )
+    return Preset(model_id, eamet, {**shared, "mom2_update_weight": (memit_lambda,) * 2, **memit_extra})
+
+
+# BOS and truncation reproduce the reference's effective behaviour (§1.2, §6.3): max_position - 500
+# tokens, 200 for Qwen and Llama-3.1.
+PRESETS: dict[str, Preset] = {
+    "llama2-7b": _row("NousResearch/Llama-2-7b-hf", 31, "never", 3596, 4000, 2.0, 15000),
+    "llama2-13b": _row(
+        "NousResearch/Llama-2-13b-hf", 39, "never", 3596, 4000, 2.0, 20000, mom2_n_samples=60000
+    ),
+    "llama3-8b": _row("meta-llama/Llama-3.1-8B", 31, "always", 200, 15000, 2.0, 1000),
+    "qwen2.5-7b": _row("Qwen/Qwen2.5-7B", 27, "never", 200, 6000, 1.5, 500),
+    "deepseek-7b": _row(
+        "deepseek-ai/deepseek-llm-7b-base",
+        29,
+        "never",
+        3596,
+        6000,
+        4.5,
+        20000,
+        template_seeds=TEMPLATE_SEEDS[:5],
+    ),
+    "gemma-7b": _row("google/gemma-7b-it", 27, "always", 7692, 12000, 1.5, 4000),
+    "falcon-7b": _row("tiiuae/falcon-7b", 31, "never", 1548, 6000, 1.5, 5000),
+    "phi-1.5": _row("microsoft/phi-1_5", 23, "never", 1548, None, 0.0, 2000),
+}
+
+_PRESET_ALIASES = {
+    "llama-2-7b": "llama2-7b",
+    "llama-2-13b": "llama2-13b",
+    "llama3.1-8b": "llama3-8b",
+    "llama-3.1-8b": "llama3-8b",
+    "qwen-7b": "qwen2.5-7b",
+    "qwen2.5": "qwen2.5-7b",
+    "phi-1-5": "phi-1.5",
+    "phi1.5": "phi-1.5",
+}
+
+
+def _check_method(method: str) -> None:
+    if method not in _METHOD_DEFAULTS:
+        raise ParameterError(f"method must be 'eamet' or 'memit', got {method!r}", argument="method")
+
+
+def _check_choice(config: EditConfig, name: str, kind: Any) -> None:
+    allowed = get_args(kind)
+    if getattr(config, name) not in allowed:
+        raise ParameterError(
+            f"{name} must be one of {', '.join(map(repr, allowed))}, got {getattr(config, name)!r}",
+            argument=name,
+        )
+
+
+def _check_int(config: EditConfig, name: str, *, minimum: int) -> None:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ParameterError(f"{name} must be an int >= {minimum}, got {value!r}", argument=name)
+
+
+def _check_float(config: EditConfig, name: str, *, positive: bool) -> None:
+    value = getattr(config, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ParameterError(f"{name} must be a finite number {bound}, got {value!r}", argument=name)
+
+
+def _first_attr(config: Any, names: Sequence[str], default: Any = ...) -> Any:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    if default is ...:
+        raise ParameterError(f"model config has none of {', '.join(names)}")
+    return default

@@ -1,0 +1,294 @@
+"""C_l = E[k kᵀ] of the rewrite module's input over a text corpus (algorithm.md §6.3), cached on disk.
+
+Every non-padding token of every document counts. On CPU the batches go to the Rust ``SecondMoment``
+(float64 sums of float32 products, GIL released, so a background thread updates while the next forward
+runs); on an accelerator the sum is kept on the device. Several layers are collected in one pass.
+
+A cache file is a ``SecondMoment`` safetensors file whose metadata holds every setting that changes the
+result; its name carries a hash of them. A file that is corrupt, or whose settings differ, is rebuilt,
+never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from eamet.batching import length_sorted_batches, pad_right
+from eamet.errors import CacheError, CorpusError, MissingDependencyError
+from eamet.hooks import record_inputs, run_until
+from eamet.moments import SecondMoment
+from eamet.parts import ModelParts
+from eamet.tokens import TokenAdapter
+
+__all__ = ["Corpus", "CovarianceCollector", "default_cache_dir", "model_fingerprint"]
+
+CACHE_FORMAT = 1
+Corpus = str | os.PathLike[str] | Iterable[str]
+
+
+def default_cache_dir() -> Path:
+    """``$EAMET_CACHE_DIR/stats``, else ``~/.cache/eamet/stats``."""
+    root = os.environ.get("EAMET_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "eamet") / "stats"
+
+
+def load_corpus(corpus: Corpus, n_samples: int) -> tuple[str, list[str]]:
+    """The first ``n_samples`` documents of ``corpus`` and an id that changes whenever they do.
+
+    ``corpus`` is ``"hf:<dataset>[:<config>]"`` (train split, shuffled with seed 1 as the reference does;
+    needs the ``data`` extra), a path to a ``.jsonl`` file (field ``"text"``) or a text file (one document
+    per non-empty line), or an iterable of strings. Raises ``CorpusError`` when nothing usable is found.
+    """
+    if isinstance(corpus, str) and corpus.startswith("hf:"):
+        return _load_hf(corpus, n_samples)
+    if isinstance(corpus, (str, os.PathLike)):
+        path = Path(corpus)
+        if not path.is_file():
+            raise CorpusError(f"corpus file {str(path)!r} does not exist", path=str(path))
+        texts = list(_read_file(path, n_samples))
+        origin = f"file:{path.name}"
+    else:
+        texts = []
+        for text in corpus:
+            if not isinstance(text, str):
+                raise CorpusError(f"corpus items must be strings, got {type(text).__name__}")
+            if text.strip():
+                texts.append(text)
+            if len(texts) >= n_samples:
+                break
+        origin = "texts"
+    if not texts:
+        raise CorpusError(f"the corpus ({origin}) holds no non-empty text")
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8") + b"\0")
+    return f"{origin}:{len(texts)}:sha256:{digest.hexdigest()[:32]}", texts
+
+
+def _read_file(path: Path, limit: int) -> Iterable[str]:
+    count = 0
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, 1):
+            if count >= limit:
+                return
+            if path.suffix == ".jsonl":
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise CorpusError(
+                        f"{path}:{lineno}: expected a JSON object with a 'text' field", path=str(path)
+                    ) from exc
+            else:
+                text = line.rstrip("\n")
+            if isinstance(text, str) and text.strip():
+                count += 1
+                yield text
+
+
+def _load_hf(corpus: str, n_samples: int) -> tuple[str, list[str]]:
+    parts = corpus[3:].split(":")
+    name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
+    how = "pass corpus= an iterable of strings or a .txt/.jsonl path (eamet stats --corpus PATH)"
+    try:
+        datasets: Any = importlib.import_module("datasets")  # optional: the `data` extra
+    except ImportError:
+        raise MissingDependencyError(f"corpus {corpus!r} needs `pip install eamet[data]`; or {how}") from None
+    try:
+        data = datasets.load_dataset(name, config, split="train")
+    except Exception as exc:  # offline, gone loader scripts, auth: all end here
+        raise CorpusError(
+            f"could not load the dataset {corpus!r} ({type(exc).__name__}: {exc}); {how}"
+        ) from exc
+    data = data.shuffle(seed=1).select(range(min(n_samples, len(data))))
+    texts = [t for t in data["text"] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise CorpusError(f"dataset {corpus!r} has no 'text' column with content; {how}")
+    return f"{corpus}:train:shuffle1:{len(texts)}", texts
+
+
+def model_fingerprint(model: nn.Module, parts: ModelParts, layer: int) -> str:
+    """Identifies the weights that determine the keys at ``layer``.
+
+    A model loaded from the hub at a known revision is named by ``name_or_path@commit``; anything else
+    (local, fine-tuned, edited, random) by a SHA-256 of every parameter outside the blocks after ``layer``.
+    """
+    config = getattr(model, "config", None)
+    name, commit = getattr(config, "name_or_path", ""), getattr(config, "_commit_hash", None)
+    if name and commit:
+        return f"{name}@{commit}"
+    later = tuple(f"{parts.spec.blocks}.{j}." for j in range(layer + 1, parts.num_layers))
+    digest = hashlib.sha256()
+    for pname, param in model.named_parameters():
+        if pname.startswith(later):
+            continue
+        data = param.detach().to("cpu").contiguous()
+        digest.update(f"{pname}:{data.dtype}:{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + digest.hexdigest()
+
+
+class CovarianceCollector:
+    """Collects (or loads from cache) C = E[k kᵀ] for the rewrite modules of some layers.
+
+    Args:
+        model, parts, tokens: the model, its resolved modules, the tokenisation (its BOS policy counts).
+        corpus: see :func:`load_corpus`.
+        n_samples: documents to read; max_length: tokens kept per document.
+        dtype: ``"float32"`` (products in float32, sums in float64, as the reference) or ``"float64"``.
+        cache_dir: where statistics are cached (default :func:`default_cache_dir`); ``None`` for no cache
+            only via ``use_cache=False``.
+        batch_tokens: padded tokens per forward (speed and memory only; not part of the cache key).
+        progress: show a tqdm bar over tokens, with ETA.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        parts: ModelParts,
+        tokens: TokenAdapter,
+        *,
+        corpus: Corpus,
+        n_samples: int,
+        max_length: int,
+        dtype: str = "float32",
+        cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+        batch_tokens: int = 8192,
+        progress: bool = True,
+    ) -> None:
+        self.model, self.parts, self.tokens = model, parts, tokens
+        self.corpus, self.n_samples, self.max_length, self.dtype = corpus, n_samples, max_length, dtype
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.use_cache, self.batch_tokens, self.progress = use_cache, batch_tokens, progress
+        self._texts: tuple[str, list[str]] | None = None
+
+    def _corpus(self) -> tuple[str, list[str]]:
+        if self._texts is None:
+            self._texts = load_corpus(self.corpus, self.n_samples)
+        return self._texts
+
+    def settings(self, layer: int, corpus_id: str) -> dict[str, Any]:
+        """Everything that changes C at ``layer``; stored in the cache file and hashed into its name."""
+        return {
+            "format": CACHE_FORMAT,
+            "model": model_fingerprint(self.model, self.parts, layer),
+            "model_type": self.parts.model_type,
+            "layer": layer,
+            "module": self.parts.spec.rewrite_path(layer),
+            "corpus": corpus_id,
+            "n_samples": self.n_samples,
+            "max_length": self.max_length,
+            "bos_prefix": self.tokens.prefix,
+            "dtype": self.dtype,
+        }
+
+    def cache_path(self, settings: dict[str, Any]) -> Path:
+        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+        return self.cache_dir / f"{settings['model_type']}-layer{settings['layer']}-{key}.safetensors"
+
+    def moments(self, layers: Sequence[int]) -> dict[int, SecondMoment]:
+        """C for each layer: from the cache when a valid file exists, else collected in one pass over the
+        corpus (and cached). The returned accumulators' ``metadata`` holds their settings.
+        """
+        corpus_id, texts = self._corpus()
+        wanted = {layer: self.settings(layer, corpus_id) for layer in layers}
+        found: dict[int, SecondMoment] = {}
+        for layer, settings in wanted.items():
+            cached = self._load(settings) if self.use_cache else None
+            if cached is not None:
+                found[layer] = cached
+        missing = [layer for layer in layers if layer not in found]
+        if missing:
+            collected = self._collect(missing, texts)
+            for layer, acc in collected.items():
+                acc.metadata = {**wanted[layer], "tokens": acc.count}
+                if self.use_cache:
+                    self.cache_dir.mkdir(parents=True, exist_ok=True)
+                    acc.save(self.cache_path(wanted[layer]))
+                found[layer] = acc
+        return found
+
+    def _load(self, settings: dict[str, Any]) -> SecondMoment | None:
+        path = self.cache_path(settings)
+        if not path.exists():
+            return None
+        try:
+            acc = SecondMoment.load(path)
+        except CacheError as exc:
+            warnings.warn(f"rebuilding a corrupt statistics cache: {exc}", stacklevel=3)
+            return None
+        stored = {k: v for k, v in acc.metadata.items() if k != "tokens"}
+        if stored != json.loads(json.dumps(settings)):
+            warnings.warn(f"rebuilding {path}: it was made with different settings", stacklevel=3)
+            return None
+        return acc
+
+    @torch.no_grad()
+    def _collect(self, layers: list[int], texts: list[str]) -> dict[int, SecondMoment]:
+        device = self.parts.device
+        on_device = device.type != "cpu"
+        cast = torch.float64 if self.dtype == "float64" else torch.float32
+        docs = [self.tokens.encode(t)[: self.max_length] for t in texts]
+        docs = [d for d in docs if d]
+        lengths = [len(d) for d in docs]
+        modules = {layer: self.parts.rewrite(layer) for layer in layers}
+        dims = {layer: self.parts.key_dim(layer) for layer in layers}
+        sums = {
+            layer: torch.zeros((dims[layer],) * 2, dtype=torch.float64, device=device) for layer in layers
+        }
+        accs = {layer: SecondMoment(dims[layer]) for layer in layers}
+        count = 0
+        store: dict[Any, torch.Tensor] = {}
+        pending: Future[None] | None = None
+        stop_at = self.parts.block(max(layers))
+        bar = tqdm(
+            total=sum(lengths), desc=f"C = E[kkᵀ] layers {layers}", unit="tok", disable=not self.progress
+        )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with ThreadPoolExecutor(max_workers=1) as pool, record_inputs(modules, store):
+                for batch in length_sorted_batches(lengths, max_items=1 << 16, max_tokens=self.batch_tokens):
+                    inputs = pad_right([docs[i] for i in batch], self.tokens.pad_id, device)
+                    run_until(self.model, stop_at, **inputs)
+                    mask = inputs["attention_mask"].bool()
+                    rows = {layer: store[layer][mask].to(cast) for layer in layers}
+                    if on_device:
+                        for layer, x in rows.items():
+                            sums[layer] += (x.T @ x).to(torch.float64)
+                    else:
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(_update_all, accs, {k: v.numpy() for k, v in rows.items()})
+                    count += int(mask.sum())
+                    bar.update(int(mask.sum()))
+                if pending is not None:
+                    pending.result()
+        finally:
+            bar.close()
+            self.model.train(was_training)
+        if on_device:
+            accs = {
+                layer: SecondMoment.from_sum(sums[layer].cpu().numpy(), count, input_dtype=self.dtype)
+                for layer in layers
+            }
+        return accs
+
+
+def _update_all(accs: dict[int, SecondMoment], rows: dict[int, Any]) -> None:
+    for layer, x in rows.items():
+        accs[layer].update(x)

@@ -1,0 +1,90 @@
+"""Forward hooks as context managers that always remove themselves.
+
+Three things an edit needs from a forward pass: read a module's *input* (keys), read a block's *output*
+(hidden states h), and add a vector to a block's output at chosen positions (the residual δ). Extraction
+passes stop right after the last module they need (:class:`StopForward`), which saves most of a deep
+model's work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["StopForward", "add_to_output", "hidden_of", "record_inputs", "record_outputs", "run_until"]
+
+
+class StopForward(Exception):  # noqa: N818 - control flow, not an error
+    """Raised by a hook to end a forward pass early; :func:`run_until` catches it."""
+
+
+def hidden_of(output: Any) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (blocks return a tensor or a tuple led by one)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (hidden, *output[1:])
+
+
+@contextmanager
+def record_inputs(modules: dict[Any, nn.Module], store: dict[Any, torch.Tensor]) -> Iterator[None]:
+    """While active, ``store[name]`` holds the first positional input of ``modules[name]`` from the
+    latest forward (detached).
+    """
+    with ExitStack() as stack:
+        for name, module in modules.items():
+
+            def hook(_m: nn.Module, args: tuple[Any, ...], name: Any = name) -> None:
+                store[name] = args[0].detach()
+
+            stack.callback(module.register_forward_pre_hook(hook).remove)
+        yield
+
+
+@contextmanager
+def record_outputs(modules: dict[Any, nn.Module], store: dict[Any, torch.Tensor]) -> Iterator[None]:
+    """While active, ``store[name]`` holds the hidden-state output of ``modules[name]`` (not detached)."""
+    with ExitStack() as stack:
+        for name, module in modules.items():
+
+            def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any, name: Any = name) -> None:
+                store[name] = hidden_of(output)
+
+            stack.callback(module.register_forward_hook(hook).remove)
+        yield
+
+
+@contextmanager
+def add_to_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """While active, the block's hidden-state output is replaced by ``edit(hidden)``."""
+
+    def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> Any:
+        return _with_hidden(output, edit(hidden_of(output)))
+
+    handle = block.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, stop_after: nn.Module, **inputs: torch.Tensor) -> None:
+    """Runs ``model(**inputs)`` and stops as soon as ``stop_after`` has produced its output."""
+
+    def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:
+        raise StopForward
+
+    handle = stop_after.register_forward_hook(stop)
+    try:
+        model(**inputs)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()

@@ -1,0 +1,76 @@
+"""Loading a Hugging Face model and tokenizer for the command line (real ``from_pretrained`` paths)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from eamet.errors import FactError, MissingDependencyError, ParameterError
+from eamet.facts import Fact, check_facts
+
+__all__ = ["add_reference_pad_token", "load_facts", "load_model"]
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def load_model(name: str, *, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a hub id or a local directory, in eval mode on ``device``.
+
+    ``dtype`` is the weights' dtype (the reference loads float32; bfloat16 halves memory, see
+    docs/differences.md). ``device`` defaults to CUDA when available.
+    """
+    if dtype not in _DTYPES:
+        raise ParameterError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", argument="dtype")
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise MissingDependencyError(f"loading a model needs torch and transformers ({exc})") from exc
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
+    return model, tokenizer
+
+
+def load_facts(path: str | Path) -> list[Fact]:
+    """Facts from a JSONL file (one record per line) or a JSON list, in any format :meth:`Fact.from_dict`
+    reads. Raises ``FactError`` naming the line of a bad record.
+    """
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    records: list[Any]
+    if path.suffix == ".json":
+        loaded = json.loads(text)
+        records = loaded if isinstance(loaded, list) else [loaded]
+    else:
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise FactError(f"{path}:{lineno}: not valid JSON ({exc.msg})", path=str(path)) from None
+    return check_facts(records)
+
+
+def add_reference_pad_token(model: Any, tokenizer: Any) -> None:
+    """Reproduces the reference's pad handling (algorithm.md §1.2), for exact reproduction only.
+
+    If the tokenizer has no pad token, adds ``[PAD]`` and grows the input and output embeddings by one
+    row set to the mean of the existing rows. This changes the model's softmax (one more vocabulary entry)
+    and cannot be undone by an ``EditResult``; eamet itself never needs it, as padding sits under the
+    attention mask.
+    """
+    if tokenizer.pad_token is not None:
+        return
+    import torch
+
+    tokenizer.add_special_tokens({"pad_token": "[PAD]"})
+    model.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():
+        for matrix in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if matrix is not None:
+                matrix.weight[-1] = matrix.weight[:-1].mean(dim=0)

@@ -1,0 +1,101 @@
+"""The weight update (algorithm.md §6): Δ (λC + KKᵀ) = R Kᵀ per edited layer, in float64.
+
+An update is kept as two factors, ``residuals`` R (N × d) and ``solved_keys`` U = K A⁻¹ (N × d_ff), so
+Δ = Rᵀ U (d × d_ff). Both are stored in float32, and the edit itself applies Δ from the stored factors, so
+a saved edit re-applied to the same weights reproduces them bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from eamet.errors import SolveError
+
+__all__ = ["LayerUpdate", "apply_update", "solve_layer"]
+
+
+@dataclass
+class LayerUpdate:
+    """One layer's update Δ = residualsᵀ @ solved_keys.
+
+    Attributes:
+        layer: block index; path: the rewrite module's dotted path.
+        residuals: (N, d) float32 CPU, R: this layer's share of z − h.
+        solved_keys: (N, d_ff) float32 CPU, U = K (λC + KKᵀ)⁻¹.
+        fit_error: (N,) float32 CPU, ‖Δk_i − r_i‖ / ‖r_i‖ per fact: how far the solve is from giving each
+            fact its residual at this layer (0 = exact; λC pulls it away). Empty if not computed.
+    """
+
+    layer: int
+    path: str
+    residuals: torch.Tensor
+    solved_keys: torch.Tensor
+    fit_error: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    def measure_fit(self, keys: torch.Tensor) -> None:
+        """Fills :attr:`fit_error` from this layer's (N, d_ff) keys."""
+        delta = self.delta(_solve_device(keys.device))
+        r = self.residuals.to(delta.device, torch.float64)
+        moved = keys.to(delta.device, torch.float64) @ delta.T
+        error = (moved - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-30)
+        self.fit_error = error.float().cpu()
+
+    def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Δ (d, d_ff) float64 on ``device``."""
+        r = self.residuals.to(device=device, dtype=torch.float64)
+        u = self.solved_keys.to(device=device, dtype=torch.float64)
+        return r.T @ u
+
+
+def _solve_device(device: torch.device) -> torch.device:
+    # Apple's MPS has no float64; everything else solves where the model lives.
+    return torch.device("cpu") if device.type == "mps" else device
+
+
+def solve_layer(
+    moment: torch.Tensor, keys: torch.Tensor, lam: float, *, solver: str = "cholesky", layer: int = -1
+) -> torch.Tensor:
+    """U = K (λC + KᵀK)⁻¹, in float64 on ``moment``'s device.
+
+    Args:
+        moment: (d_ff, d_ff) C = E[k kᵀ], symmetric positive semi-definite.
+        keys: (N, d_ff) this layer's keys (rows).
+        lam: λ >= 0.
+        solver: ``"cholesky"`` (factorise the SPD matrix, then two triangular solves) or ``"inverse"``
+            (the reference's explicit inverse, for reproduction).
+
+    Returns:
+        (N, d_ff) float64 solved keys. Raises ``SolveError`` if the matrix is not positive definite.
+    """
+    device = _solve_device(moment.device)
+    k = keys.to(device=device, dtype=torch.float64)
+    a = lam * moment.to(device=device, dtype=torch.float64) + k.T @ k
+    if solver == "inverse":
+        inverse: torch.Tensor = torch.linalg.inv(a)
+        return k @ inverse
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) != 0:
+        raise SolveError(
+            f"layer {layer}: λC + KKᵀ is not positive definite (leading minor {int(info)}); raise "
+            "mom2_update_weight or collect the covariance over more text",
+            argument="mom2_update_weight",
+        )
+    solved: torch.Tensor = torch.cholesky_solve(k.T, chol).T
+    return solved
+
+
+@torch.no_grad()
+def apply_update(weight: torch.Tensor, update: LayerUpdate, layout: str) -> None:
+    """W ← W + Δ in place, rounded once to W's dtype. ``layout`` is the ArchSpec's weight_layout:
+    ``"out_in"`` adds Δ (d × d_ff), ``"in_out"`` adds Δᵀ.
+    """
+    delta = update.delta(_solve_device(weight.device))
+    if layout == "in_out":
+        delta = delta.T
+    if tuple(delta.shape) != tuple(weight.shape):
+        raise SolveError(
+            f"{update.path}: update shape {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
+        )
+    weight.copy_((weight.to(delta.device, torch.float64) + delta).to(weight.dtype))

@@ -1,0 +1,181 @@
+"""Tokenisation for editing: BOS policy, target ids and the fact-token index, found by probing the tokenizer.
+
+Nothing here looks at a model or tokenizer *name* (the reference's ``'llama' in class name`` checks). The
+tokenizer is asked how it behaves instead:
+
+* which special ids it prepends by itself (``native_prefix``: a BOS for LLaMA/Gemma-style tokenizers);
+* whether a leading space becomes a lone word-boundary piece (``lone_space_piece``: SentencePiece's
+  ``"▁"`` in LLaMA-2), which must not be part of a target continuation.
+
+Every sequence is encoded without the tokenizer's special tokens, and the BOS policy's prefix is added
+here, so the tokenizer object is never mutated (the reference toggles ``add_bos_token`` per call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from eamet.errors import FactError, ParameterError
+from eamet.facts import SUBJECT_SLOT, fill
+
+__all__ = ["TokenAdapter"]
+
+FactToken = Literal["subject_last", "subject_first", "subject_first_after_last"]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised prompt: ``ids`` (BOS policy applied) and the fact-token position in it."""
+
+    ids: list[int]
+    fact_index: int
+
+
+class TokenAdapter:
+    """Wraps a Hugging Face tokenizer with the behaviour editing needs.
+
+    Args:
+        tokenizer: any ``transformers`` tokenizer (fast ones give offsets; slow ones use the split method).
+        bos: ``"native"`` (prepend what the tokenizer prepends by itself), ``"always"`` or ``"never"``.
+    """
+
+    def __init__(self, tokenizer: Any, bos: Literal["native", "always", "never"] = "native") -> None:
+        self.tokenizer = tokenizer
+        self.native_prefix = self._probe_prefix()
+        if bos == "native":
+            self.prefix = list(self.native_prefix)
+        elif bos == "always":
+            if tokenizer.bos_token_id is None:
+                raise ParameterError("bos='always' but the tokenizer has no BOS token", argument="bos")
+            self.prefix = [int(tokenizer.bos_token_id)]
+        elif bos == "never":
+            self.prefix = []
+        else:
+            raise ParameterError(f"bos must be 'native', 'always' or 'never', got {bos!r}", argument="bos")
+        self.bos = bos
+        self.lone_space_piece = self._probe_lone_space()
+        self.dummy_prefix = self._probe_dummy_prefix()
+        self.has_offsets = bool(getattr(tokenizer, "is_fast", False))
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        # Only ever placed under a zero attention mask, so its value cannot change a result.
+        self.pad_id = int(pad)
+
+    # -- probes ----------------------------------------------------------------------------------------
+
+    def _plain(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _probe_prefix(self) -> list[int]:
+        probe = "Paris is a city"
+        plain, full = self._plain(probe), list(self.tokenizer(probe)["input_ids"])
+        for start in range(len(full) - len(plain) + 1):
+            if full[start : start + len(plain)] == plain:
+                return full[:start]
+        return []
+
+    def _probe_lone_space(self) -> bool:
+        # LLaMA-2: " Paris" -> ["▁", "▁Paris"]: a first piece that decodes to nothing, then the word.
+        for word in ("Paris", "the", "English"):
+            ids = self._plain(" " + word)
+            if len(ids) >= 2 and not self.tokenizer.decode(ids[:1]).strip() and ids[1:] == self._plain(word):
+                return True
+        return False
+
+    def _probe_dummy_prefix(self) -> bool:
+        # SentencePiece-style tokenizers add a word boundary before every separately encoded text.
+        pieces = self.tokenizer.convert_ids_to_tokens(self._plain("Paris")[:1])
+        return bool(pieces) and str(pieces[0]).startswith("▁")
+
+    # -- encoding --------------------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` with the BOS policy's prefix and no other special tokens."""
+        return self.prefix + self._plain(text)
+
+    def target_ids(self, target: str) -> list[int]:
+        """Ids of ``target`` as a continuation of a prompt: ``" " + target`` (a space is added if missing),
+        without special tokens and without a lone leading word-boundary piece (algorithm.md §1.3).
+        """
+        text = target if target.startswith(" ") else " " + target
+        ids = self._plain(text)
+        if self.lone_space_piece and len(ids) >= 2 and not self.tokenizer.decode(ids[:1]).strip():
+            ids = ids[1:]
+        if not ids:
+            raise FactError(f"target {target!r} tokenises to nothing")
+        return ids
+
+    def continuation_text(self, target: str, ids: Sequence[int]) -> str:
+        """Text of the target prefix ``ids`` as appended to a prompt string (the reference's teacher-forcing
+        input): decoded, with the target's leading space kept even where decoding drops it.
+        """
+        if not ids:
+            return ""
+        text = str(self.tokenizer.decode(list(ids)))
+        return text if text.startswith(" ") else " " + text.lstrip()
+
+    def fact_index(self, template: str, subject: str, fact_token: FactToken = "subject_last") -> int:
+        """Position of the fact token in ``encode(fill(template, subject))``.
+
+        Found from character offsets (fast tokenizers): the tokens whose span overlaps the subject's
+        characters. Slow tokenizers use :meth:`fact_index_by_split`, the reference's method. Raises
+        ``FactError`` if no token covers the subject.
+        """
+        if not self.has_offsets:
+            return self.fact_index_by_split(template, subject, fact_token)
+        text = fill(template, subject)
+        start = template.index(SUBJECT_SLOT) + (len(subject) - len(subject.lstrip()))
+        end = template.index(SUBJECT_SLOT) + len(subject.rstrip())
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets: Sequence[tuple[int, int]] = enc["offset_mapping"]
+        covering = [t for t, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if not covering:
+            raise FactError(f"subject {subject!r} not found among the tokens of {text!r}")
+        n = len(self.prefix)
+        if fact_token == "subject_last":
+            return n + covering[-1]
+        if fact_token == "subject_first":
+            return n + covering[0]
+        if fact_token == "subject_first_after_last":
+            return n + min(covering[-1] + 1, len(offsets) - 1)
+        raise ParameterError(f"unsupported fact_token {fact_token!r}", argument="fact_token")
+
+    def fact_index_by_split(self, template: str, subject: str, fact_token: FactToken = "subject_last") -> int:
+        """The reference's method (algorithm.md §1.4): tokenise the text before ``{}``, the subject and the
+        text after it separately and count. Agrees with :meth:`fact_index` wherever the tokenizer does not
+        merge across the subject's boundaries.
+        """
+        before, after = template.split(SUBJECT_SLOT, 1)
+        if before:
+            if not before.endswith(" "):
+                raise FactError(f"split method needs a space before the subject in {template!r}")
+            before, subject = before[:-1], " " + subject.strip()
+        if self.dummy_prefix:
+            subject = subject.strip()
+        a = len(self.prefix) + (len(self._plain(before)) if before else 0)
+        b = len(self._plain(subject))
+        if fact_token == "subject_last":
+            return a + b - 1
+        if fact_token == "subject_first":
+            return a
+        if fact_token == "subject_first_after_last":
+            return a + b if after.strip() else a + b - 1
+        raise ParameterError(f"unsupported fact_token {fact_token!r}", argument="fact_token")
+
+    def prompt(self, template: str, subject: str, fact_token: FactToken = "subject_last") -> Encoded:
+        """``encode(fill(template, subject))`` and its fact-token index."""
+        ids = self.encode(fill(template, subject))
+        return Encoded(ids, self.fact_index(template, subject, fact_token))
+
+    def describe(self) -> dict[str, Any]:
+        """The probed behaviour, saved with edits and statistics (they depend on it)."""
+        return {
+            "bos": self.bos,
+            "prefix": self.prefix,
+            "native_prefix": self.native_prefix,
+            "lone_space_piece": self.lone_space_piece,
+            "dummy_prefix": self.dummy_prefix,
+        }
