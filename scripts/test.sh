@@ -34,8 +34,8 @@ rm -rf dist
 WHEEL=$(ls dist/eamet-*.whl)
 echo "built $WHEEL"
 
-step "install the wheel with its test extra (and torch, an optional dependency the tests exercise)"
-"$VPY" -m pip install --quiet "${WHEEL}[test]" torch
+step "install the wheel with its test and edit extras (torch, transformers)"
+"$VPY" -m pip install --quiet "${WHEEL}[test,edit]"
 # The tests must import the installed wheel, never the source tree.
 "$VPY" - <<'PY'
 import pathlib, sys, eamet

@@ -15,12 +15,12 @@ Add a family with :func:`register_arch`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from eamet.errors import ParameterError, UnsupportedArchitectureError
 
-__all__ = ["ArchSpec", "arch_for", "known_architectures", "register_arch"]
+__all__ = ["ArchSpec", "arch_for", "known_architectures", "register_arch", "registered_layout"]
 
 WeightLayout = Literal["out_in", "in_out"]
 
@@ -101,4 +101,20 @@ def arch_for(model_or_config: Any) -> ArchSpec:
             f"model_type {model_type!r} is not in the architecture registry (known: "
             f"{', '.join(known_architectures())}); describe its modules with eamet.register_arch()"
         )
+    return spec
+
+
+def registered_layout(spec: ArchSpec, model_or_config: Any) -> ArchSpec:
+    """``spec`` with the weight layout of the model's registry entry when both name the same modules.
+
+    Reference hparams files give module paths but never the weight orientation, so a spec read from
+    them says ``"out_in"`` by default; for a registered family (GPT-2's Conv1D) the registry knows better.
+    Any other spec is returned unchanged.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    registered = _REGISTRY.get(getattr(config, "model_type", None) or "")
+    if registered is None:
+        return spec
+    if replace(spec, weight_layout=registered.weight_layout) == registered:
+        return registered
     return spec

@@ -244,7 +244,9 @@ class EditConfig:
         base = cls.for_method(method).mom2_update_weight[0]
         lam = round(base * d_ff / 11008, 1)
         max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        values: dict[str, Any] = {"layers": layers, "mom2_update_weight": (lam,) * len(layers)}
+        # One λ per edited layer, also when ``layers`` is overridden alone.
+        n_edited = len(overrides.get("layers", layers))
+        values: dict[str, Any] = {"layers": layers, "mom2_update_weight": (lam,) * n_edited}
         if isinstance(max_pos, int):
             values["mom2_max_length"] = min(1024, max_pos)
         return cls.for_method(method, **{**values, **overrides})
@@ -388,7 +390,8 @@ def _spec_from_templates(layer_tmp: str, rewrite_tmp: str, data: Mapping[str, An
         raise ParameterError(f"cannot read module templates {layer_tmp!r} / {rewrite_tmp!r}")
     final_norm = data.get("ln_f_module", "model.norm")
     unembed = data.get("lm_head_module", "lm_head")
-    # The reference's templates never say the layout; Conv1D-style families come from the registry.
+    # The reference's templates never say the layout; Editor takes it from the registry entry with the
+    # same paths (arch.registered_layout), which is how GPT-2's Conv1D is found.
     return ArchSpec(prefix, rewrite_tmp[len(layer_tmp) + 1 :], final_norm, unembed)
 
 

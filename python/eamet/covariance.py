@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import CacheError, CorpusError, MissingDependencyError
-from eamet.hooks import record_inputs, run_until
+from eamet.hooks import by_position, record_inputs, run_until
 from eamet.moments import SecondMoment
 from eamet.parts import ModelParts
 from eamet.tokens import TokenAdapter
@@ -266,7 +266,7 @@ class CovarianceCollector:
                     inputs = pad_right([docs[i] for i in batch], self.tokens.pad_id, device)
                     run_until(self.model, stop_at, **inputs)
                     mask = inputs["attention_mask"].bool()
-                    rows = {layer: store[layer][mask].to(cast) for layer in layers}
+                    rows = {layer: by_position(store[layer], *mask.shape)[mask].to(cast) for layer in layers}
                     if on_device:
                         for layer, x in rows.items():
                             sums[layer] += (x.T @ x).to(torch.float64)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from eamet import __version__
-from eamet.arch import ArchSpec
+from eamet.arch import ArchSpec, registered_layout
 from eamet.config import EditConfig, Method
 from eamet.covariance import Corpus, CovarianceCollector, model_fingerprint
 from eamet.diagnostics import MisalignmentReport, misalignment, neighbors
@@ -362,7 +361,8 @@ class Editor:
                 argument="method",
             )
         self.model, self.config = model, config
-        self.parts = ModelParts(model, config.modules)
+        spec = None if config.modules is None else registered_layout(config.modules, model)
+        self.parts = ModelParts(model, spec)
         if config.layers[-1] >= self.parts.num_layers:
             raise ParameterError(
                 f"layers {list(config.layers)}: the model has only {self.parts.num_layers} blocks",
@@ -417,7 +417,7 @@ class Editor:
                 cannot be located in its prompt.
             SolveError: the update's system is not positive definite.
         """
-        cfg, model, parts = self.config, self.model, self.parts
+        model = self.model
         fact_list = check_facts(facts)
         for i, fact in enumerate(fact_list):
             try:
@@ -434,7 +434,6 @@ class Editor:
             for p, flag in zip(model.parameters(), grad_flags, strict=True):
                 p.requires_grad_(flag)
             model.train(was_training)
-            del cfg, parts
 
     def _edit(
         self, facts: list[Fact], checkpoint_dir: str | os.PathLike[str] | None, progress: bool
@@ -594,7 +593,3 @@ class Editor:
         digest.update(json.dumps([f.to_dict() for f in facts], sort_keys=True).encode())
         digest.update(json.dumps(self.tokens.describe(), sort_keys=True).encode())
         return digest.hexdigest()
-
-
-def _finite(x: float) -> bool:
-    return math.isfinite(x)

@@ -15,7 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["StopForward", "add_to_output", "hidden_of", "record_inputs", "record_outputs", "run_until"]
+from eamet.errors import UnsupportedArchitectureError
+
+__all__ = [
+    "StopForward",
+    "add_to_output",
+    "by_position",
+    "hidden_of",
+    "record_inputs",
+    "record_outputs",
+    "run_until",
+]
 
 
 class StopForward(Exception):  # noqa: N818 - control flow, not an error
@@ -25,6 +35,22 @@ class StopForward(Exception):  # noqa: N818 - control flow, not an error
 def hidden_of(output: Any) -> torch.Tensor:
     """The hidden-state tensor of a block's output (blocks return a tensor or a tuple led by one)."""
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def by_position(x: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """``x`` as (batch, seq_len, features).
+
+    Most blocks keep hidden states as (B, T, ·) throughout, but some (OPT) flatten them to (B·T, ·)
+    before the MLP, so a recorded MLP input can arrive 2-D; every position is still there, in order.
+    """
+    if x.ndim == 3:
+        return x
+    if x.ndim == 2 and x.shape[0] == batch * seq_len:
+        return x.reshape(batch, seq_len, x.shape[1])
+    raise UnsupportedArchitectureError(
+        f"a recorded activation of shape {tuple(x.shape)} is not one vector per token of a "
+        f"({batch}, {seq_len}) batch; the ArchSpec's rewrite module must see each token separately"
+    )
 
 
 def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:

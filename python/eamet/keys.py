@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import FactError
 from eamet.facts import Fact
-from eamet.hooks import record_inputs, record_outputs, run_until
+from eamet.hooks import by_position, record_inputs, record_outputs, run_until
 from eamet.parts import ModelParts
 from eamet.templates import template_weights
 from eamet.tokens import Encoded, FactToken, TokenAdapter
@@ -103,7 +103,8 @@ def collect(
             fact_ids = torch.tensor([i for i, _ in sel], device=device)
             t_ids = torch.tensor([t for _, t in sel], device=device)
             if keys is not None:
-                k = store["key"][rows, pos].float() * weights[t_ids, None]
+                key_in = by_position(store["key"], *inputs["input_ids"].shape)
+                k = key_in[rows, pos].float() * weights[t_ids, None]
                 keys.index_add_(0, fact_ids, k)
             if hidden is not None:
                 h = store["hidden"][rows, pos].float()

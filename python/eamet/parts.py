@@ -38,6 +38,8 @@ class ModelParts:
         self.num_layers = len(blocks)
         # Resolving the last block checks every relative path once for all blocks of the model.
         self.check_rewrite(self.num_layers - 1)
+        self.final_norm = self._get(self.spec.final_norm)
+        self.unembed = self._get(self.spec.unembed)
 
     def _get(self, path: str) -> nn.Module:
         try:
@@ -90,14 +92,6 @@ class ModelParts:
         """d: the rewrite module's output size (the residual stream width)."""
         w = self.rewrite_weight(layer)
         return int(w.shape[0] if self.spec.weight_layout == "out_in" else w.shape[1])
-
-    @property
-    def final_norm(self) -> nn.Module:
-        return self._get(self.spec.final_norm)
-
-    @property
-    def unembed(self) -> nn.Module:
-        return self._get(self.spec.unembed)
 
     @property
     def device(self) -> torch.device:

@@ -190,9 +190,11 @@ class ResidualOptimizer:
             for it in range(cfg.v_num_grad_steps):
                 optimizer.zero_grad(set_to_none=True)
                 logits = self._logits(batch.inputs)
-                n_tf = batch.target_positions.shape[0]
-                log_probs = torch.log_softmax(logits[:n_tf].float(), dim=-1)
-                nll = target_nll(log_probs, batch.target_ids, batch.target_positions)
+                n_tf, n_y = batch.target_positions.shape
+                # Log-softmax only where a target token is scored: (n_tf, Ty, V), not (n_tf, T, V).
+                scored = logits[torch.arange(n_tf, device=logits.device)[:, None], batch.target_positions]
+                log_probs = torch.log_softmax(scored.float(), dim=-1)
+                nll = target_nll(log_probs, batch.target_ids, self._arange(n_y).expand(n_tf, n_y))
                 ess = torch.log_softmax(logits[n_tf, batch.inject_at[n_tf]].float(), dim=-1)
                 if anchor is None:
                     h_norm = float(state["h"].norm())
@@ -254,6 +256,9 @@ class ResidualOptimizer:
             **terms,
         )
         return delta.detach().clone(), h.clone(), stats
+
+    def _arange(self, n: int) -> torch.Tensor:
+        return torch.arange(n, device=self.parts.device)
 
     def _radius(self, key_norm: float, h_norm: float) -> float:
         cfg = self.config

@@ -1,0 +1,141 @@
+"""`eamet edit` and `eamet stats` end to end, on a tiny model saved to disk (the from_pretrained path)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eamet.cli import main
+from eamet.editor import EditResult
+from tiny import bpe_tokenizer, corpus, tiny_model
+
+FACTS = [("Alan Turing", "Paris"), ("Marie Curie", "Tokyo"), ("Niels Bohr", "London")]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("model")
+    tiny_model("llama", vocab_size=256, n_layer=4, hidden=32, ffn=64).save_pretrained(root)
+    bpe_tokenizer(add_bos=False).save_pretrained(root)
+    (root / "corpus.txt").write_text("\n".join(corpus()), encoding="utf-8")
+    return root
+
+
+def _facts(path: Path, facts: list[tuple[str, str]]) -> Path:
+    lines = [json.dumps({"prompt": "capital city : {}", "subject": s, "target": t}) for s, t in facts]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _edit_args(model_dir: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "edit",
+        "--model",
+        str(model_dir),
+        "--facts",
+        str(_facts(tmp_path / "facts.jsonl", FACTS)),
+        "--out",
+        str(tmp_path / "edit.safetensors"),
+        "--corpus",
+        str(model_dir / "corpus.txt"),
+        "--samples",
+        "100",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_edit_writes_an_edit_that_applies_to_the_saved_model(model_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    args = _edit_args(model_dir, tmp_path, "--method", "memit", "--json", str(tmp_path / "s.json"))
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["command"] == "edit" and summary["facts"] == len(FACTS) and summary["method"] == "memit"
+    result = EditResult.load(tmp_path / "edit.safetensors")
+    assert [f.subject for f in result.facts] == [s for s, _ in FACTS]
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result.apply(model)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"model.layers.{layer}.mlp.down_proj.weight" for layer in result.config.layers}
+    result.undo()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_edit_layers_and_seed_options_reach_the_config(model_dir: Path, tmp_path: Path) -> None:
+    assert main(_edit_args(model_dir, tmp_path, "--layers", "1", "--seed", "7", "--method", "memit")) == 0
+    config = EditResult.load(tmp_path / "edit.safetensors").config
+    assert config.layers == (1,) and config.seed == 7 and len(config.mom2_update_weight) == 1
+
+
+def test_edit_rejects_conflicting_facts_before_loading_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    facts = _facts(tmp_path / "f.jsonl", [("Alan Turing", "Paris"), ("Alan Turing", "Rome")])
+    code = main(["edit", "--model", str(tmp_path / "no-such-model"), "--facts", str(facts), "--out", "x"])
+    err = capsys.readouterr().err
+    assert code == 1 and "fact 1 conflicts with fact 0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_edit_reports_a_bad_facts_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"prompt": "x {}", "subject": "a", "target": "b"}\n{not json\n', encoding="utf-8")
+    assert main(["edit", "--model", "m", "--facts", str(path), "--out", "x"]) == 1
+    assert f"{path}:2: not valid JSON" in capsys.readouterr().err
+
+
+def test_edit_unknown_preset_is_a_one_line_error(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_edit_args(model_dir, tmp_path, "--preset", "gpt-17")) == 1
+    assert "unknown preset 'gpt-17'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layers", ["a,b", "-1", ""])
+def test_bad_layers_is_a_usage_error(layers: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["stats", "--model", "m", "--layers", layers, "--corpus", "c.txt"])
+    assert exc.value.code == 2
+
+
+def test_stats_fills_the_cache_once(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "stats",
+        "--model",
+        str(model_dir),
+        "--layers",
+        "0,2",
+        "--corpus",
+        str(model_dir / "corpus.txt"),
+        "--samples",
+        "50",
+        "--out",
+        str(tmp_path / "cache"),
+        "--no-progress",
+        "--json",
+        str(tmp_path / "s.json"),
+    ]
+    assert main(args) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["layers"]
+    assert [r["layer"] for r in rows] == [0, 2] and all(r["dim"] == 64 and r["tokens"] > 0 for r in rows)
+    files = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert files == sorted(Path(r["path"]).name for r in rows)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+    assert main(args) == 0  # served from the cache: the files are not rewritten
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == mtimes
+
+
+def test_stats_missing_corpus_file(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["stats", "--model", str(model_dir), "--layers", "0", "--corpus", str(tmp_path / "none.txt")]
+    assert main([*args, "--out", str(tmp_path), "--no-progress"]) == 1
+    assert "does not exist" in capsys.readouterr().err
