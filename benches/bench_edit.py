@@ -9,7 +9,9 @@ random model's hidden states are small. The table shows:
 * ``C s``: collecting C = E[k kᵀ] for the edited layers (the corpus is the same for every N);
 * ``residual s/fact``: mean and median seconds of one fact's residual optimisation (forward + backward
   per step; for EAMET the alignment terms against the residuals already found);
-* ``rest s``: the rest of ``Editor.edit`` (templates, keys, neighbour lists, the solve, the report);
+* ``solve s``: the float64 Cholesky solves of all edited layers (``solve_layer``, d_ff × d_ff systems);
+* ``rest s``: the rest of ``Editor.edit`` (templates, keys per layer, neighbour lists, applying the
+  updates, the misalignment report);
 * ``peak MiB``: the process's peak RSS above the model and inputs, over C and the edit;
 * ``hits``: facts whose prompt now yields the target's first token greedily (a random model knows no
   facts, so this checks the mechanics, not editing quality);
@@ -20,10 +22,12 @@ Full run (about 20 minutes on 2 cores), a quick smoke test, and one cell:
     python benches/bench_edit.py --json bench-edit.json
     python benches/bench_edit.py --quick
     python benches/bench_edit.py --models small --facts 1000 --methods eamet
+    python benches/bench_edit.py --models tiny --facts 100 --methods eamet --set cs_factor=0
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import tempfile
@@ -55,7 +59,9 @@ MODELS = {
 METHODS = ("eamet", "memit")
 
 
-def worker(model_name: str, n_facts: int, method: str, threads: int, eamet_threads: int) -> dict[str, Any]:
+def worker(
+    model_name: str, n_facts: int, method: str, threads: int, eamet_threads: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
     """Runs in a fresh process: builds the world, collects C, edits, and returns the numbers."""
     set_torch_threads(threads)
     pool = set_eamet_threads(eamet_threads)
@@ -64,9 +70,21 @@ def worker(model_name: str, n_facts: int, method: str, threads: int, eamet_threa
 
     layers, hidden, ffn = MODELS[model_name]
     model, tokenizer, facts, corpus = random_world(n_facts, hidden=hidden, ffn=ffn, layers=layers)
-    config = eamet.EditConfig.for_model(
-        model, method, mom2_n_samples=len(corpus), clamp_factor=4.0, norm_penalty="none"
-    )
+    settings = {"mom2_n_samples": len(corpus), "clamp_factor": 4.0, "norm_penalty": "none", **overrides}
+    config = eamet.EditConfig.for_model(model, method, **settings)
+    # Time the solves (one per edited layer) by wrapping the function the editor calls.
+    import eamet.editor
+
+    solve_times: list[float] = []
+    solve_layer = eamet.editor.solve_layer
+
+    def timed_solve(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        out = solve_layer(*args, **kwargs)
+        solve_times.append(time.perf_counter() - start)
+        return out
+
+    eamet.editor.solve_layer = timed_solve
     with tempfile.TemporaryDirectory() as cache:
         editor = eamet.Editor(model, tokenizer, config=config, corpus=corpus, cache_dir=cache)
         times: dict[str, float] = {}
@@ -93,7 +111,8 @@ def worker(model_name: str, n_facts: int, method: str, threads: int, eamet_threa
         "residual_mean_s": statistics.fmean(residual),
         "residual_median_s": statistics.median(residual),
         "residual_total_s": sum(residual),
-        "rest_s": times["edit_s"] - sum(residual),
+        "solve_s": sum(solve_times),
+        "rest_s": times["edit_s"] - sum(residual) - sum(solve_times),
         "mean_steps": summary["mean"]["steps"],
         "hits": first_token_hits(model, editor, facts),
         "misalignment_total": summary["misalignment_total"],
@@ -106,7 +125,21 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,small", help="comma-separated: " + ", ".join(MODELS))
     parser.add_argument("--facts", default=None, help="comma-separated N (default 100,1000; tiny: 1000 only)")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated: eamet, memit")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an EditConfig setting for every cell, e.g. --set cs_factor=0 (repeatable)",
+    )
     args = parser.parse_args()
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        try:
+            overrides[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parser.error(f"--set {item}: the value must be JSON (strings in double quotes)")
     configure_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     methods = [m for m in args.methods.split(",") if m]
@@ -125,9 +158,11 @@ def main() -> None:
 
     info = machine_info(args.threads, args.eamet_threads)
     print_header("Editor.edit end to end on CPU (random LLaMA world)", info)
+    if overrides:
+        print(f"settings changed for every cell: {overrides}\n")
     rows, raw = [], []
     for model_name, n, method in cells:
-        out = run_isolated(worker, model_name, n, method, args.threads, args.eamet_threads)
+        out = run_isolated(worker, model_name, n, method, args.threads, args.eamet_threads, overrides)
         raw.append(out)
         layers, hidden, ffn = MODELS[model_name]
         total = out["misalignment_total"]
@@ -139,6 +174,7 @@ def main() -> None:
                 f"{out['covariance_s']:.1f}",
                 f"{out['residual_mean_s']:.3f} / {out['residual_median_s']:.3f}",
                 f"{out['mean_steps']:.1f}",
+                f"{out['solve_s']:.3f}",
                 f"{out['rest_s']:.1f}",
                 f"{out['covariance_s'] + out['edit_s']:.1f}",
                 f"{out['measurement'].peak_above_inputs_mib:.0f}",
@@ -157,6 +193,7 @@ def main() -> None:
                 "C s",
                 "residual s/fact (mean / median)",
                 "steps",
+                "solve s",
                 "rest s",
                 "total s",
                 "peak MiB",
