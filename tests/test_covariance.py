@@ -44,6 +44,19 @@ def models() -> dict[str, nn.Module]:
     return {family: _model(family) for family in SETUPS}
 
 
+def _record_collect_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The layer lists of every corpus pass that ``CovarianceCollector`` makes from now on."""
+    calls: list[list[int]] = []
+    original = CovarianceCollector._collect
+
+    def spy(self: CovarianceCollector, layers: list[int], texts: list[str]) -> dict[int, SecondMoment]:
+        calls.append(list(layers))
+        return original(self, layers, texts)
+
+    monkeypatch.setattr(CovarianceCollector, "_collect", spy)
+    return calls
+
+
 def _collector(
     model: nn.Module,
     tokenizer: Any,
@@ -110,14 +123,7 @@ def test_moments_match_brute_force_in_one_pass(
 ) -> None:
     make_tok, rewrite, native_bos = SETUPS[family]
     tokenizer, model = make_tok(), models[family]
-    calls: list[list[int]] = []
-    original = CovarianceCollector._collect
-
-    def spy(self: CovarianceCollector, layers: list[int], texts: list[str]) -> dict[int, SecondMoment]:
-        calls.append(list(layers))
-        return original(self, layers, texts)
-
-    monkeypatch.setattr(CovarianceCollector, "_collect", spy)
+    calls = _record_collect_calls(monkeypatch)
     found = _collector(model, tokenizer, tmp_path).moments(LAYERS)
     assert calls == [LAYERS]  # both layers from one pass over the corpus
     assert sorted(found) == LAYERS
@@ -208,14 +214,7 @@ def test_only_missing_layers_are_collected(
 ) -> None:
     tokenizer, model = sentencepiece_tokenizer(), models["llama"]
     _collector(model, tokenizer, tmp_path).moments([1])
-    calls: list[list[int]] = []
-    original = CovarianceCollector._collect
-
-    def spy(self: CovarianceCollector, layers: list[int], texts: list[str]) -> dict[int, SecondMoment]:
-        calls.append(list(layers))
-        return original(self, layers, texts)
-
-    monkeypatch.setattr(CovarianceCollector, "_collect", spy)
+    calls = _record_collect_calls(monkeypatch)
     both = _collector(model, tokenizer, tmp_path).moments([1, 3])
     assert calls == [[3]] and sorted(both) == [1, 3]
 
@@ -337,10 +336,26 @@ def test_cache_name_depends_on_weights_up_to_the_layer(tmp_path: Path) -> None:
     assert changed(layers[1].self_attn.q_proj.weight) != base
     assert changed(layers[1].mlp.gate_proj.weight) != base
     assert changed(model.model.embed_tokens.weight) != base
-    # Later blocks cannot change the keys at layer 1.
+    assert changed(layers[0].mlp.down_proj.weight) != base
+    # Later blocks, the layer's own rewrite weight (what an edit changes), the final norm and an untied
+    # unembedding cannot change the keys at layer 1.
     assert changed(layers[2].mlp.up_proj.weight) == base
     assert changed(layers[3].self_attn.v_proj.weight) == base
+    assert changed(layers[1].mlp.down_proj.weight) == base
+    assert changed(model.model.norm.weight) == base
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    assert changed(model.lm_head.weight) == base
     assert _name(collector, layer=1) == base
+
+
+def test_a_tied_unembedding_is_part_of_the_cache_name(tmp_path: Path) -> None:
+    model = _model("gpt2")
+    assert model.lm_head.weight is model.transformer.wte.weight
+    collector = _collector(model, bpe_tokenizer(add_bos=False), tmp_path)
+    base = _name(collector, layer=1)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1e-3)
+    assert _name(collector, layer=1) != base
 
 
 def test_hub_models_are_named_by_revision(tmp_path: Path) -> None:

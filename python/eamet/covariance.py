@@ -124,16 +124,24 @@ def model_fingerprint(model: nn.Module, parts: ModelParts, layer: int) -> str:
     """Identifies the weights that determine the keys at ``layer``.
 
     A model loaded from the hub at a known revision is named by ``name_or_path@commit``; anything else
-    (local, fine-tuned, edited, random) by a SHA-256 of every parameter outside the blocks after ``layer``.
+    (local, fine-tuned, edited, random) by a SHA-256 of every parameter that can reach the rewrite
+    module's input: all but those of later blocks, of ``layer``'s own rewrite module (an edit of it
+    leaves its keys unchanged, so a second edit reuses the statistics), the final norm and the
+    unembedding (unless tied to the input embedding).
     """
     config = getattr(model, "config", None)
     name, commit = getattr(config, "name_or_path", ""), getattr(config, "_commit_hash", None)
     if name and commit:
         return f"{name}@{commit}"
-    later = tuple(f"{parts.spec.blocks}.{j}." for j in range(layer + 1, parts.num_layers))
+    downstream = [parts.rewrite(layer), parts.final_norm, parts.unembed]
+    downstream += [parts.block(j) for j in range(layer + 1, parts.num_layers)]
+    skip = {id(p) for module in downstream for p in module.parameters()}
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Module):
+        skip -= {id(p) for p in embeddings.parameters()}  # tied unembedding: still an input
     digest = hashlib.sha256()
     for pname, param in model.named_parameters():
-        if pname.startswith(later):
+        if id(param) in skip:
             continue
         data = param.detach().to("cpu").contiguous()
         digest.update(f"{pname}:{data.dtype}:{tuple(data.shape)}".encode())
