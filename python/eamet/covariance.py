@@ -136,7 +136,8 @@ def model_fingerprint(model: nn.Module, parts: ModelParts, layer: int) -> str:
     downstream = [parts.rewrite(layer), parts.final_norm, parts.unembed]
     downstream += [parts.block(j) for j in range(layer + 1, parts.num_layers)]
     skip = {id(p) for module in downstream for p in module.parameters()}
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
     if isinstance(embeddings, nn.Module):
         skip -= {id(p) for p in embeddings.parameters()}  # tied unembedding: still an input
     digest = hashlib.sha256()
