@@ -11,7 +11,21 @@ from torch import nn
 
 from eamet import EditConfig, Fact
 from eamet.config import Method
+from eamet.editor import Editor
 from eamet.parts import ModelParts
+from tiny import corpus, tiny_model
+
+CORPUS = list(corpus())
+VOCAB = 256
+
+
+def small_model(family: str = "gpt2", seed: int = 0, **kwargs: Any) -> nn.Module:
+    return tiny_model(family, seed=seed, vocab_size=VOCAB, **kwargs)
+
+
+def make_editor(model: nn.Module, tokenizer: Any, config: EditConfig, cache_dir: Any) -> Editor:
+    return Editor(model, tokenizer, config=config, corpus=CORPUS, cache_dir=cache_dir)
+
 
 # Subject-final prompt: the only shape where a residual at the subject's last token reliably moves a tiny
 # random model's next-token prediction. The 16 subjects end in 16 distinct BPE tokens (checked by

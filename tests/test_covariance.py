@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from eamet.covariance import CovarianceCollector, load_corpus, model_fingerprint
+from eamet.covariance import CovarianceCollector, load_corpus
 from eamet.errors import CorpusError, MissingDependencyError
 from eamet.moments import SecondMoment
 from eamet.parts import ModelParts
@@ -356,16 +356,6 @@ def test_a_tied_unembedding_is_part_of_the_cache_name(tmp_path: Path) -> None:
     with torch.no_grad():
         model.lm_head.weight.add_(1e-3)
     assert _name(collector, layer=1) != base
-
-
-def test_hub_models_are_named_by_revision(tmp_path: Path) -> None:
-    model = _model("llama")
-    parts = ModelParts(model)
-    hashed = model_fingerprint(model, parts, 1)
-    assert hashed.startswith("sha256:")
-    model.config.name_or_path = "org/tiny"
-    model.config._commit_hash = "0123abcd"
-    assert model_fingerprint(model, parts, 1) == "org/tiny@0123abcd"
 
 
 # -- corpus -----------------------------------------------------------------------------------------------

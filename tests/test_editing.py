@@ -37,28 +37,25 @@ from eamet.errors import (
 )
 from eamet.residuals import ResidualOptimizer
 from editing_helpers import (
+    CORPUS,
+    VOCAB,
     bit_equal,
     changed,
     check_distinct_last_tokens,
     facts16,
     flags,
+    make_editor,
     odd_flags,
     report_arrays_equal,
     rewrite_names,
     same_weights,
     small_config,
     small_facts,
+    small_model,
     snapshot,
     successes,
 )
-from tiny import TINY_FAMILIES, bpe_tokenizer, corpus, sentencepiece_tokenizer, tiny_model
-
-CORPUS = list(corpus())
-VOCAB = 256
-
-
-def small_model(family: str = "gpt2", seed: int = 0, **kwargs: Any) -> nn.Module:
-    return tiny_model(family, seed=seed, vocab_size=VOCAB, **kwargs)
+from tiny import TINY_FAMILIES, bpe_tokenizer, sentencepiece_tokenizer, tiny_model
 
 
 def big_model(family: str, seed: int = 0) -> nn.Module:
@@ -74,10 +71,6 @@ def tok() -> Any:
 def stats_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One statistics cache for the module (its keys include the model's weights and the settings)."""
     return tmp_path_factory.mktemp("eamet-stats")
-
-
-def make_editor(model: nn.Module, tokenizer: Any, config: EditConfig, cache_dir: Path) -> Editor:
-    return Editor(model, tokenizer, config=config, corpus=CORPUS, cache_dir=cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -186,7 +186,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     )
     rows = []
     for layer, acc in collector.moments(args.layers).items():
-        path = collector.cache_path({k: v for k, v in acc.metadata.items() if k != "tokens"})
+        path = collector.cache_path(acc.metadata)
         print(f"layer {layer}: {acc.dim}x{acc.dim} from {acc.count} tokens -> {path}")
         rows.append({"layer": layer, "dim": acc.dim, "tokens": acc.count, "path": str(path)})
     if args.json:

@@ -167,7 +167,13 @@ class EditConfig:
                 argument="mom2_update_weight",
             )
         object.__setattr__(self, "mom2_update_weight", weights)
-        object.__setattr__(self, "template_seeds", tuple(self.template_seeds))
+        seeds = self.template_seeds
+        if isinstance(seeds, str) or not all(isinstance(w, str) and w.strip() for w in seeds):
+            raise ParameterError(
+                f"template_seeds must be a sequence of non-empty words, got {seeds!r}",
+                argument="template_seeds",
+            )
+        object.__setattr__(self, "template_seeds", tuple(seeds))
         for name in ("v_num_grad_steps", "top_m", "key_batch_size", "mom2_n_samples", "mom2_max_length"):
             _check_int(self, name, minimum=1)
         _check_int(self, "template_length", minimum=0)

@@ -30,9 +30,10 @@ from eamet.errors import CacheError, CorpusError, MissingDependencyError
 from eamet.hooks import by_position, record_inputs, run_until
 from eamet.moments import SecondMoment
 from eamet.parts import ModelParts
+from eamet.solve import solve_device
 from eamet.tokens import TokenAdapter
 
-__all__ = ["Corpus", "CovarianceCollector", "default_cache_dir", "model_fingerprint"]
+__all__ = ["Corpus", "CovarianceCollector", "default_cache_dir", "model_fingerprint", "model_source"]
 
 CACHE_FORMAT = 1
 Corpus = str | os.PathLike[str] | Iterable[str]
@@ -120,26 +121,24 @@ def _load_hf(corpus: str, n_samples: int) -> tuple[str, list[str]]:
     return f"{corpus}:train:shuffle1:{len(texts)}", texts
 
 
-def model_fingerprint(model: nn.Module, parts: ModelParts, layer: int) -> str:
-    """Identifies the weights that determine the keys at ``layer``.
+def model_fingerprint(model: nn.Module, parts: ModelParts, layer: int | None = None) -> str:
+    """A SHA-256 of the weights (names, dtypes, shapes, bytes) that determine the keys at ``layer``.
 
-    A model loaded from the hub at a known revision is named by ``name_or_path@commit``; anything else
-    (local, fine-tuned, edited, random) by a SHA-256 of every parameter that can reach the rewrite
-    module's input: all but those of later blocks, of ``layer``'s own rewrite module (an edit of it
-    leaves its keys unchanged, so a second edit reuses the statistics), the final norm and the
-    unembedding (unless tied to the input embedding).
+    That is every parameter but those of later blocks, of ``layer``'s own rewrite module (an edit of
+    it leaves its keys unchanged, so a second edit reuses the statistics), the final norm and the
+    unembedding (unless tied to the input embedding). ``layer=None`` hashes every parameter. The weights
+    are always hashed, never trusted by name: a hub model loaded in another dtype, resized or edited in
+    memory is another model.
     """
-    config = getattr(model, "config", None)
-    name, commit = getattr(config, "name_or_path", ""), getattr(config, "_commit_hash", None)
-    if name and commit:
-        return f"{name}@{commit}"
-    downstream = [parts.rewrite(layer), parts.final_norm, parts.unembed]
-    downstream += [parts.block(j) for j in range(layer + 1, parts.num_layers)]
-    skip = {id(p) for module in downstream for p in module.parameters()}
-    get_embeddings = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    if isinstance(embeddings, nn.Module):
-        skip -= {id(p) for p in embeddings.parameters()}  # tied unembedding: still an input
+    skip: set[int] = set()
+    if layer is not None:
+        downstream = [parts.rewrite(layer), parts.final_norm, parts.unembed]
+        downstream += [parts.block(j) for j in range(layer + 1, parts.num_layers)]
+        skip = {id(p) for module in downstream for p in module.parameters()}
+        get_embeddings = getattr(model, "get_input_embeddings", None)
+        embeddings = get_embeddings() if callable(get_embeddings) else None
+        if isinstance(embeddings, nn.Module):
+            skip -= {id(p) for p in embeddings.parameters()}  # tied unembedding: still an input
     digest = hashlib.sha256()
     for pname, param in model.named_parameters():
         if id(param) in skip:
@@ -148,6 +147,17 @@ def model_fingerprint(model: nn.Module, parts: ModelParts, layer: int) -> str:
         digest.update(f"{pname}:{data.dtype}:{tuple(data.shape)}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().data)
     return "sha256:" + digest.hexdigest()
+
+
+def model_source(model: nn.Module) -> str | None:
+    """``name_or_path@commit`` of a model loaded from the hub at a known revision (for the record)."""
+    config = getattr(model, "config", None)
+    name, commit = getattr(config, "name_or_path", ""), getattr(config, "_commit_hash", None)
+    return f"{name}@{commit}" if name and commit else None
+
+
+# Metadata that describes a cache file without being part of its key.
+_RECORD_ONLY = ("tokens", "source")
 
 
 class CovarianceCollector:
@@ -202,11 +212,14 @@ class CovarianceCollector:
             "n_samples": self.n_samples,
             "max_length": self.max_length,
             "bos_prefix": self.tokens.prefix,
+            "tokenizer": self.tokens.fingerprint(),
             "dtype": self.dtype,
         }
 
     def cache_path(self, settings: dict[str, Any]) -> Path:
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+        """The cache file of ``settings`` (or of a collected moment's ``metadata``, which adds records)."""
+        keyed = {k: v for k, v in settings.items() if k not in _RECORD_ONLY}
+        key = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:20]
         return self.cache_dir / f"{settings['model_type']}-layer{settings['layer']}-{key}.safetensors"
 
     def moments(self, layers: Sequence[int]) -> dict[int, SecondMoment]:
@@ -224,7 +237,7 @@ class CovarianceCollector:
         if missing:
             collected = self._collect(missing, texts)
             for layer, acc in collected.items():
-                acc.metadata = {**wanted[layer], "tokens": acc.count}
+                acc.metadata = {**wanted[layer], "tokens": acc.count, "source": model_source(self.model)}
                 if self.use_cache:
                     self.cache_dir.mkdir(parents=True, exist_ok=True)
                     acc.save(self.cache_path(wanted[layer]))
@@ -240,7 +253,7 @@ class CovarianceCollector:
         except CacheError as exc:
             warnings.warn(f"rebuilding a corrupt statistics cache: {exc}", stacklevel=3)
             return None
-        stored = {k: v for k, v in acc.metadata.items() if k != "tokens"}
+        stored = {k: v for k, v in acc.metadata.items() if k not in _RECORD_ONLY}
         if stored != json.loads(json.dumps(settings)):
             warnings.warn(f"rebuilding {path}: it was made with different settings", stacklevel=3)
             return None
@@ -249,7 +262,8 @@ class CovarianceCollector:
     @torch.no_grad()
     def _collect(self, layers: list[int], texts: list[str]) -> dict[int, SecondMoment]:
         device = self.parts.device
-        on_device = device.type != "cpu"
+        # Accumulate on an accelerator with float64 (CUDA); on the CPU and on MPS, in the Rust core.
+        on_device = device.type != "cpu" and solve_device(device) == device
         cast = torch.float64 if self.dtype == "float64" else torch.float32
         docs = [self.tokens.encode(t)[: self.max_length] for t in texts]
         docs = [d for d in docs if d]
@@ -282,7 +296,8 @@ class CovarianceCollector:
                     else:
                         if pending is not None:
                             pending.result()
-                        pending = pool.submit(_update_all, accs, {k: v.numpy() for k, v in rows.items()})
+                        host = {k: v.cpu().numpy() for k, v in rows.items()}
+                        pending = pool.submit(_update_all, accs, host)
                     count += int(mask.sum())
                     bar.update(int(mask.sum()))
                 if pending is not None:

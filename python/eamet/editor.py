@@ -32,12 +32,19 @@ from eamet.arch import ArchSpec, registered_layout
 from eamet.config import EditConfig, Method
 from eamet.covariance import Corpus, CovarianceCollector, model_fingerprint
 from eamet.diagnostics import MisalignmentReport, misalignment, neighbors
-from eamet.errors import CacheError, EametError, EditMismatchError, FactError, ParameterError
+from eamet.errors import (
+    CacheError,
+    EametError,
+    EditMismatchError,
+    FactError,
+    NonFiniteError,
+    ParameterError,
+)
 from eamet.facts import Fact, check_facts
 from eamet.keys import PromptSet, collect
 from eamet.parts import ModelParts, tensor_sha256
 from eamet.residuals import FactStats, KeyNeighborhood, ResidualOptimizer
-from eamet.solve import LayerUpdate, apply_update, solve_layer
+from eamet.solve import LayerUpdate, apply_update, solve_device, solve_layer
 from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
 
@@ -106,11 +113,14 @@ class EditResult:
                 raise EditMismatchError(
                     f"{record.path} changed since this edit was applied; undo later edits first"
                 )
-        with torch.no_grad():
-            for record in self.weights:
-                parts.rewrite_weight(record.layer).copy_(self._originals[record.layer])
-        self._model = None
-        self._originals = {}
+        try:
+            _restore(parts, self._originals)
+        except KeyboardInterrupt:
+            _restore(parts, self._originals)  # finish: a half-undone edit could be neither undone nor kept
+            raise
+        finally:
+            self._model = None
+            self._originals = {}
 
     def apply(self, model: nn.Module) -> EditResult:
         """Applies this (e.g. loaded) edit to ``model`` in place and returns ``self``, now undoable.
@@ -286,15 +296,20 @@ class _Checkpoint:
         if manifest.exists():
             try:
                 stored = json.loads(manifest.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise CacheError(f"{manifest}: corrupt checkpoint manifest", path=str(manifest)) from exc
+                templates_found = stored["templates"]
+                if not isinstance(templates_found, list):
+                    raise TypeError("templates is not a list")
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CacheError(
+                    f"{manifest}: not a checkpoint manifest of eamet ({exc})", path=str(manifest)
+                ) from exc
             if stored.get("fingerprint") != fingerprint:
                 raise CacheError(
                     f"{root} holds the checkpoint of a different edit (model, facts or settings differ); "
                     "use another checkpoint_dir or empty this one",
                     path=str(root),
                 )
-            self.templates: list[str] = list(stored["templates"])
+            self.templates: list[str] = [str(t) for t in templates_found]
         else:
             self.templates = templates
             tmp = root / ".run.json.tmp"
@@ -369,20 +384,33 @@ class Editor:
                 argument="layers",
             )
         self.tokens = TokenAdapter(tokenizer, config.bos)
-        self.device = torch.device(device) if device is not None else self.parts.device
-        if self.device != self.parts.device:
-            raise ParameterError(f"device {self.device} differs from the model's device {self.parts.device}")
+        devices = sorted({str(p.device) for p in model.parameters()})
+        if len(devices) > 1:
+            raise ParameterError(
+                f"the model's parameters are spread over {', '.join(devices)}; eamet edits a model that "
+                "lives on one device (load it without device_map, or move it with .to(device))",
+                argument="model",
+            )
+        self.device = self.parts.device
+        if device is not None and not _same_device(torch.device(device), self.device):
+            raise ParameterError(
+                f"device {device} differs from the model's device {self.device}", argument="device"
+            )
         self.corpus: Corpus = corpus if corpus is not None else config.mom2_dataset
         self.cache_dir = cache_dir
-        self._moments: dict[int, torch.Tensor] = {}
+        # layer -> (fingerprint of the weights it was collected on, C): a reused Editor notices edits.
+        self._moments: dict[int, tuple[str, torch.Tensor]] = {}
 
     def covariance(
         self, layers: Sequence[int] | None = None, *, progress: bool = True
     ) -> dict[int, torch.Tensor]:
-        """C = E[k kᵀ] (d_ff × d_ff float64 on the device) of the edited layers, collected or loaded from
-        the cache once and kept in memory.
+        """C = E[k kᵀ] (d_ff × d_ff float64 on the device; on the CPU for MPS, which has no float64) of
+        the edited layers, collected or loaded from the cache, and kept in memory for as long as the
+        weights it depends on stay the same.
         """
-        wanted = [layer for layer in (layers or self.config.layers) if layer not in self._moments]
+        layers = list(layers or self.config.layers)
+        prints = {layer: model_fingerprint(self.model, self.parts, layer) for layer in layers}
+        wanted = [layer for layer in layers if self._moments.get(layer, ("",))[0] != prints[layer]]
         if wanted:
             collector = CovarianceCollector(
                 self.model,
@@ -396,8 +424,9 @@ class Editor:
                 progress=progress,
             )
             for layer, acc in collector.moments(wanted).items():
-                self._moments[layer] = torch.from_numpy(acc.moment()).to(self.device)
-        return {layer: self._moments[layer] for layer in (layers or self.config.layers)}
+                moment = torch.from_numpy(acc.moment()).to(solve_device(self.device))
+                self._moments[layer] = (prints[layer], moment)
+        return {layer: self._moments[layer][1] for layer in layers}
 
     def edit(
         self,
@@ -488,22 +517,29 @@ class Editor:
             stats.append(fact_stats)
             bar.set_postfix(loss=f"{fact_stats.loss:.3f}", nll=f"{fact_stats.nll:.3f}", refresh=False)
         targets = hidden + deltas
-        updates, records = self._update(prompts, targets, moments, progress)
+        if not bool(torch.isfinite(targets).all()):
+            raise NonFiniteError("the optimised residuals hold NaN or Inf; nothing was changed")
+        # Everything that can fail runs before the weights change or inside _update's rollback.
         report = self._report(keys_star, deltas)
-        result = EditResult(
-            facts=facts,
-            config=cfg,
-            templates=templates,
-            updates=updates,
-            deltas=deltas.cpu(),
-            stats=stats,
-            misalignment=report,
-            weights=records,
-            arch=parts.describe(),
-            tokens=tokens.describe(),
-        )
-        result._model = model
-        result._originals = self._last_originals
+        updates, records = self._update(prompts, targets, moments, progress)
+        try:
+            result = EditResult(
+                facts=facts,
+                config=cfg,
+                templates=templates,
+                updates=updates,
+                deltas=deltas.cpu(),
+                stats=stats,
+                misalignment=report,
+                weights=records,
+                arch=parts.describe(),
+                tokens=tokens.describe(),
+            )
+            result._model = model
+            result._originals = self._last_originals
+        except BaseException:
+            _restore(parts, self._last_originals)
+            raise
         return result
 
     def _neighborhood(self, keys: torch.Tensor) -> KeyNeighborhood:
@@ -578,18 +614,37 @@ class Editor:
                 "a residual is exactly zero (its fact needed no change): no misalignment report", stacklevel=3
             )
             return None
-        return misalignment(
-            keys.float().cpu().numpy(),
-            deltas.float().cpu().numpy(),
-            tau=self.config.tau,
-            top_m=self.config.top_m,
-            progress=False,
-        )
+        try:
+            return misalignment(
+                keys.float().cpu().numpy(),
+                deltas.float().cpu().numpy(),
+                tau=self.config.tau,
+                top_m=self.config.top_m,
+                progress=False,
+            )
+        except EametError as exc:  # a diagnostic never fails an edit (e.g. a zero key row)
+            warnings.warn(f"no misalignment report: {exc}", stacklevel=3)
+            return None
 
     def _fingerprint(self, facts: list[Fact]) -> str:
         digest = hashlib.sha256()
-        digest.update(model_fingerprint(self.model, self.parts, self.parts.num_layers - 1).encode())
+        # Residuals depend on every weight (the NLL runs to the unembedding), the tokenizer, the settings
+        # and the algorithm's version.
+        digest.update(__version__.encode())
+        digest.update(model_fingerprint(self.model, self.parts).encode())
         digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         digest.update(json.dumps([f.to_dict() for f in facts], sort_keys=True).encode())
-        digest.update(json.dumps(self.tokens.describe(), sort_keys=True).encode())
+        digest.update(self.tokens.fingerprint().encode())
         return digest.hexdigest()
+
+
+def _same_device(asked: torch.device, actual: torch.device) -> bool:
+    """``cuda`` names the current CUDA device, so it equals ``cuda:0`` when that is current."""
+    if asked.type != actual.type:
+        return False
+    if asked.index is None or actual.index is None:
+        current = torch.cuda.current_device() if asked.type == "cuda" else 0
+        return (asked.index if asked.index is not None else current) == (
+            actual.index if actual.index is not None else current
+        )
+    return asked.index == actual.index

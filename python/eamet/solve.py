@@ -13,7 +13,7 @@ import torch
 
 from eamet.errors import SolveError
 
-__all__ = ["LayerUpdate", "apply_update", "solve_layer"]
+__all__ = ["LayerUpdate", "apply_update", "solve_device", "solve_layer"]
 
 
 @dataclass
@@ -36,7 +36,7 @@ class LayerUpdate:
 
     def measure_fit(self, keys: torch.Tensor) -> None:
         """Fills :attr:`fit_error` from this layer's (N, d_ff) keys."""
-        delta = self.delta(_solve_device(keys.device))
+        delta = self.delta(solve_device(keys.device))
         r = self.residuals.to(delta.device, torch.float64)
         moved = keys.to(delta.device, torch.float64) @ delta.T
         error = (moved - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-30)
@@ -49,8 +49,9 @@ class LayerUpdate:
         return r.T @ u
 
 
-def _solve_device(device: torch.device) -> torch.device:
-    # Apple's MPS has no float64; everything else solves where the model lives.
+def solve_device(device: torch.device) -> torch.device:
+    """Where float64 work for a model on ``device`` runs: the device itself, the CPU for Apple's MPS
+    (no float64 there)."""
     return torch.device("cpu") if device.type == "mps" else device
 
 
@@ -69,20 +70,31 @@ def solve_layer(
     Returns:
         (N, d_ff) float64 solved keys. Raises ``SolveError`` if the matrix is not positive definite.
     """
-    device = _solve_device(moment.device)
+    device = solve_device(moment.device)
     k = keys.to(device=device, dtype=torch.float64)
     a = lam * moment.to(device=device, dtype=torch.float64) + k.T @ k
+    if not bool(torch.isfinite(a).all()):
+        raise SolveError(f"layer {layer}: λC + KKᵀ has NaN or Inf entries (check the keys and C)")
     if solver == "inverse":
-        inverse: torch.Tensor = torch.linalg.inv(a)
-        return k @ inverse
-    chol, info = torch.linalg.cholesky_ex(a)
-    if int(info) != 0:
-        raise SolveError(
-            f"layer {layer}: λC + KKᵀ is not positive definite (leading minor {int(info)}); raise "
-            "mom2_update_weight or collect the covariance over more text",
-            argument="mom2_update_weight",
-        )
-    solved: torch.Tensor = torch.cholesky_solve(k.T, chol).T
+        inverse, info = torch.linalg.inv_ex(a)
+        if int(info) != 0:
+            raise SolveError(
+                f"layer {layer}: λC + KKᵀ is singular; raise mom2_update_weight or collect the "
+                "covariance over more text",
+                argument="mom2_update_weight",
+            )
+        solved: torch.Tensor = k @ inverse
+    else:
+        chol, info = torch.linalg.cholesky_ex(a)
+        if int(info) != 0:
+            raise SolveError(
+                f"layer {layer}: λC + KKᵀ is not positive definite (leading minor {int(info)}); raise "
+                "mom2_update_weight or collect the covariance over more text",
+                argument="mom2_update_weight",
+            )
+        solved = torch.cholesky_solve(k.T, chol).T
+    if not bool(torch.isfinite(solved).all()):
+        raise SolveError(f"layer {layer}: the solve produced NaN or Inf (the system is too ill-conditioned)")
     return solved
 
 
@@ -91,11 +103,15 @@ def apply_update(weight: torch.Tensor, update: LayerUpdate, layout: str) -> None
     """W ← W + Δ in place, rounded once to W's dtype. ``layout`` is the ArchSpec's weight_layout:
     ``"out_in"`` adds Δ (d × d_ff), ``"in_out"`` adds Δᵀ.
     """
-    delta = update.delta(_solve_device(weight.device))
+    delta = update.delta(solve_device(weight.device))
     if layout == "in_out":
         delta = delta.T
     if tuple(delta.shape) != tuple(weight.shape):
         raise SolveError(
             f"{update.path}: update shape {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}"
         )
-    weight.copy_((weight.to(delta.device, torch.float64) + delta).to(weight.dtype))
+    edited = (weight.to(delta.device, torch.float64) + delta).to(weight.dtype)
+    if not bool(torch.isfinite(edited).all()):
+        # Also catches a finite Δ that overflows a half-precision weight.
+        raise SolveError(f"{update.path}: the updated weight would hold NaN or Inf; nothing was changed")
+    weight.copy_(edited)

@@ -13,6 +13,8 @@ here, so the tokenizer object is never mutated (the reference toggles ``add_bos_
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,6 +45,7 @@ class TokenAdapter:
 
     def __init__(self, tokenizer: Any, bos: Literal["native", "always", "never"] = "native") -> None:
         self.tokenizer = tokenizer
+        self._fingerprint: str | None = None
         self.native_prefix = self._probe_prefix()
         if bos == "native":
             self.prefix = list(self.native_prefix)
@@ -166,9 +169,36 @@ class TokenAdapter:
         raise ParameterError(f"unsupported fact_token {fact_token!r}", argument="fact_token")
 
     def prompt(self, template: str, subject: str, fact_token: FactToken = "subject_last") -> Encoded:
-        """``encode(fill(template, subject))`` and its fact-token index."""
+        """``encode(fill(template, subject))`` and its fact-token index.
+
+        Raises ``FactError`` if the index falls outside the encoded prompt (the split method can
+        overshoot when tokens merge across the subject's boundary).
+        """
         ids = self.encode(fill(template, subject))
-        return Encoded(ids, self.fact_index(template, subject, fact_token))
+        index = self.fact_index(template, subject, fact_token)
+        if not 0 <= index < len(ids):
+            raise FactError(
+                f"subject {subject!r} in {template!r}: fact token {index} is outside the {len(ids)}-token "
+                "prompt"
+            )
+        return Encoded(ids, index)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of the tokenizer's class and definition (a fast tokenizer's full JSON, else its
+        vocabulary): two tokenizers with the same fingerprint turn the same text into the same ids. The
+        BOS policy is not part of it (``prefix`` is recorded separately). Computed once.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256(type(self.tokenizer).__name__.encode())
+            backend = getattr(self.tokenizer, "backend_tokenizer", None)
+            if backend is not None and hasattr(backend, "to_str"):
+                # A fast tokenizer's full definition: vocabulary, merges, normaliser, pre-tokeniser.
+                digest.update(backend.to_str().encode())
+            else:
+                vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+                digest.update(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode())
+            self._fingerprint = "sha256:" + digest.hexdigest()
+        return self._fingerprint
 
     def describe(self) -> dict[str, Any]:
         """The probed behaviour, saved with edits and statistics (they depend on it)."""
