@@ -34,6 +34,8 @@ SCRIPT = textwrap.dedent(
         pass
     else:
         raise AssertionError("integer keys were accepted")
+    world = eamet.sandbox.World.generate(seed=0, n_subjects=10)
+    assert len(world.cases) == 40
     assert "torch" not in sys.modules or sys.modules["torch"] is None, "eamet imported torch"
     print("ok without torch")
     """

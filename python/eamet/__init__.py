@@ -47,12 +47,16 @@ __all__ = [
 _LAZY = {"Editor": "eamet.editor", "EditResult": "eamet.editor"}
 
 
+_SUBPACKAGES = ("sandbox",)
+
+
 def __getattr__(name: str) -> Any:
     # The editing names need torch; importing them lazily keeps `import eamet` torch-free.
-    if name in _LAZY:
+    if name in _LAZY or name in _SUBPACKAGES:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module = importlib.import_module(_LAZY.get(name, f"eamet.{name}"))
+        value = module if name in _SUBPACKAGES else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'eamet' has no attribute {name!r}")

@@ -1,0 +1,382 @@
+"""A world of facts to edit: generated from a seed, or read from CounterFact records.
+
+A :class:`World` holds true facts (subject, relation, object) phrased in several ways, and edit cases
+in the CounterFact shape: a rewrite (:class:`~eamet.facts.Fact` with ``target_true``), paraphrase prompts
+that should follow the edit, and neighbourhood prompts (other subjects) that should keep their answers.
+It is plain data — no torch — and hashes to a stable id, so a model trained on it can be cached by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from eamet.errors import FactError, ParameterError
+from eamet.facts import SUBJECT_SLOT, Fact, fill
+
+__all__ = ["DEFAULT_RELATIONS", "EditCase", "Relation", "World", "WorldFact"]
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation: ``phrasings`` are prompts with one ``{}`` (the first is the editing prompt, the others
+    paraphrases); ``objects`` is the pool its objects are drawn from."""
+
+    name: str
+    phrasings: tuple[str, ...]
+    objects: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.phrasings:
+            raise ParameterError(f"relation {self.name!r} has no phrasings")
+        for phrasing in self.phrasings:
+            if phrasing.count(SUBJECT_SLOT) != 1:
+                raise ParameterError(f"relation {self.name!r}: {phrasing!r} needs exactly one '{{}}'")
+
+
+@dataclass(frozen=True)
+class WorldFact:
+    """A true fact of the world."""
+
+    subject: str
+    relation: str
+    object: str
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """One edit request with what evaluation needs (CounterFact's record, as data).
+
+    Attributes:
+        case_id: the record's id.
+        rewrite: the edit; ``rewrite.target`` is the new object, ``rewrite.target_true`` the old one.
+        paraphrases: filled prompts that should now continue with the new object.
+        neighborhood: (filled prompt, expected object) pairs of other subjects, unchanged by the edit.
+    """
+
+    case_id: int
+    rewrite: Fact
+    paraphrases: tuple[str, ...] = ()
+    neighborhood: tuple[tuple[str, str], ...] = ()
+
+
+# Relations of the generated world. Objects are common words, so that a tokenizer trained on the world
+# gives most of them one or two tokens; the first phrasing puts the subject first, as CounterFact's do.
+DEFAULT_RELATIONS: tuple[Relation, ...] = (
+    Relation(
+        "birthplace",
+        ("{} was born in", "The birthplace of {} is", "{} grew up in the city of"),
+        ("Paris", "London", "Berlin", "Madrid", "Rome", "Lisbon", "Vienna", "Prague", "Oslo", "Dublin"),
+    ),
+    Relation(
+        "language",
+        ("{} speaks", "The mother tongue of {} is", "{} was raised speaking"),
+        (
+            "French",
+            "English",
+            "German",
+            "Spanish",
+            "Italian",
+            "Dutch",
+            "Polish",
+            "Greek",
+            "Swedish",
+            "Danish",
+        ),
+    ),
+    Relation(
+        "profession",
+        ("{} works as a", "The profession of {} is", "By trade, {} is a"),
+        ("teacher", "doctor", "farmer", "lawyer", "painter", "baker", "pilot", "nurse", "writer", "chemist"),
+    ),
+    Relation(
+        "instrument",
+        ("{} plays the", "The instrument of {} is the", "On stage, {} performs on the"),
+        ("piano", "violin", "guitar", "flute", "drums", "cello", "trumpet", "harp", "organ", "clarinet"),
+    ),
+    Relation(
+        "sport",
+        ("{} is a professional", "The sport of {} is", "Every weekend {} competes in"),
+        ("tennis", "football", "hockey", "cricket", "rugby", "golf", "boxing", "cycling", "rowing", "skiing"),
+    ),
+    Relation(
+        "employer",
+        ("{} is employed by", "The employer of {} is", "Each morning {} drives to work at"),
+        ("Google", "Nokia", "Siemens", "Toyota", "Apple", "Intel", "Philips", "Sony", "Boeing", "Samsung"),
+    ),
+    Relation(
+        "color",
+        ("{} likes the color", "The favorite color of {} is", "Asked about colors, {} always names"),
+        ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"),
+    ),
+    Relation(
+        "food",
+        ("{} loves to eat", "The favorite dish of {} is", "For dinner {} always orders"),
+        ("pasta", "rice", "soup", "pizza", "bread", "cheese", "fish", "salad", "noodles", "cake"),
+    ),
+    Relation(
+        "country",
+        ("{} is a citizen of", "The home country of {} is", "The passport of {} was issued by"),
+        ("France", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico", "Norway", "Chile", "Kenya"),
+    ),
+    Relation(
+        "pet",
+        ("{} owns a", "The pet of {} is a", "At home {} takes care of a"),
+        ("dog", "cat", "parrot", "rabbit", "horse", "turtle", "hamster", "goat", "snake", "pony"),
+    ),
+)
+
+_SYLLABLES = (
+    "ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "ze", "da", "po", "li", "ba", "fe", "gu", "ho",
+    "ju", "me", "ni", "or", "pa", "qui", "ra", "se", "ta", "ul", "va", "wo", "xi", "yo",
+)  # fmt: skip
+_FILLERS = (
+    "It rained for most of the week.",
+    "The train left the station on time.",
+    "Many people visited the market that morning.",
+    "A new bridge was opened last spring.",
+    "The museum is closed on Mondays.",
+    "Nobody expected the storm to last so long.",
+    "The library bought a thousand new books.",
+    "Prices went up again this year.",
+    "The festival attracted visitors from abroad.",
+    "Somewhere a dog was barking.",
+    "The old clock in the hall stopped at noon.",
+    "The river froze early that winter.",
+)
+
+
+@dataclass(frozen=True)
+class World:
+    """Facts, edit cases and filler text. Build with :meth:`generate` or :meth:`from_records`.
+
+    Attributes:
+        relations: the relations (name → phrasings and object pool).
+        facts: the true facts; a model trained on the world should recall each through every phrasing.
+        cases: the edit requests, in order.
+        fillers: neutral sentences, for prefixes in training and evaluation.
+        seed: the seed of :meth:`generate` (``None`` for worlds read from records).
+    """
+
+    relations: tuple[Relation, ...]
+    facts: tuple[WorldFact, ...]
+    cases: tuple[EditCase, ...]
+    fillers: tuple[str, ...] = _FILLERS
+    seed: int | None = None
+    _relation_index: dict[str, Relation] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index = {r.name: r for r in self.relations}
+        if len(index) != len(self.relations):
+            raise ParameterError("relation names must be unique")
+        for fact in self.facts:
+            if fact.relation not in index:
+                raise ParameterError(f"fact {fact}: unknown relation {fact.relation!r}")
+        object.__setattr__(self, "_relation_index", index)
+
+    # -- building ------------------------------------------------------------------------------------
+
+    @classmethod
+    def generate(
+        cls,
+        seed: int = 0,
+        *,
+        n_subjects: int = 200,
+        relations_per_subject: int = 4,
+        relations: Sequence[Relation] = DEFAULT_RELATIONS,
+        name_syllables: tuple[int, int] = (2, 3),
+        n_neighbors: int = 10,
+    ) -> World:
+        """A world of ``n_subjects`` invented people, each with ``relations_per_subject`` facts.
+
+        Subjects are two invented words of ``name_syllables`` syllables each ("Kalomi Nesaru"), unique.
+        Every (subject, relation) fact becomes one edit case, in a seeded random order: the new object is
+        another object of the relation's pool, paraphrases are the relation's other phrasings, and the
+        neighbourhood is up to ``n_neighbors`` other subjects with the same relation and true object.
+        Deterministic for a seed (Python's ``random.Random``, no global state).
+        """
+        if n_subjects < 1:
+            raise ParameterError(f"n_subjects must be >= 1, got {n_subjects}", argument="n_subjects")
+        if not 1 <= relations_per_subject <= len(relations):
+            raise ParameterError(
+                f"relations_per_subject must be in 1..{len(relations)}, got {relations_per_subject}",
+                argument="relations_per_subject",
+            )
+        low, high = name_syllables
+        if not 1 <= low <= high:
+            raise ParameterError(
+                f"name_syllables must be (low, high) with 1 <= low <= high, got {name_syllables}"
+            )
+        for relation in relations:
+            if len(set(relation.objects)) < 2:
+                raise ParameterError(f"relation {relation.name!r} needs at least 2 distinct objects")
+        rng = random.Random(seed)
+        capacity = len(_SYLLABLES) ** low
+        if capacity * capacity < 4 * n_subjects:
+            raise ParameterError(f"too many subjects ({n_subjects}) for names of {low} syllables")
+
+        def word() -> str:
+            return "".join(rng.choices(_SYLLABLES, k=rng.randint(low, high))).capitalize()
+
+        subjects: list[str] = []
+        seen: set[str] = set()
+        while len(subjects) < n_subjects:
+            name = f"{word()} {word()}"
+            if name not in seen:
+                seen.add(name)
+                subjects.append(name)
+        facts = [
+            WorldFact(subject, relation.name, rng.choice(relation.objects))
+            for subject in subjects
+            for relation in rng.sample(list(relations), relations_per_subject)
+        ]
+        index = {r.name: r for r in relations}
+        by_answer: dict[tuple[str, str], list[str]] = {}
+        for fact in facts:
+            by_answer.setdefault((fact.relation, fact.object), []).append(fact.subject)
+        order = list(range(len(facts)))
+        rng.shuffle(order)
+        cases = []
+        for case_id, i in enumerate(order):
+            fact = facts[i]
+            relation = index[fact.relation]
+            new = rng.choice([o for o in relation.objects if o != fact.object])
+            others = [s for s in by_answer[(fact.relation, fact.object)] if s != fact.subject]
+            neighbors = rng.sample(others, min(n_neighbors, len(others)))
+            cases.append(
+                EditCase(
+                    case_id=case_id,
+                    rewrite=Fact(relation.phrasings[0], fact.subject, new, fact.object, case_id),
+                    paraphrases=tuple(fill(p, fact.subject) for p in relation.phrasings[1:]),
+                    neighborhood=tuple((fill(relation.phrasings[0], s), fact.object) for s in neighbors),
+                )
+            )
+        return cls(tuple(relations), tuple(facts), tuple(cases), seed=seed)
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> World:
+        """A world from CounterFact records, in the ROME/MEMIT form (``case_id``, ``requested_rewrite``,
+        ``paraphrase_prompts``, ``neighborhood_prompts``) or EasyEdit's flat form (``prompt``,
+        ``subject``, ``target_new``, ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``,
+        ``locality_ground_truth``).
+
+        True facts come from ``target_true``/``ground_truth`` (one relation per distinct rewrite prompt),
+        edit targets from ``target_new``. Raises ``FactError`` naming the record that cannot be read.
+        """
+        relations: dict[str, Relation] = {}
+        facts: list[WorldFact] = []
+        cases: list[EditCase] = []
+        for row, record in enumerate(records):
+            try:
+                rewrite = Fact.from_dict(record)
+                true = rewrite.target_true
+                if true is None:
+                    raise FactError("no 'target_true' or 'ground_truth'")
+                case_id = record.get("case_id", row)
+                rewrite = Fact(rewrite.prompt, rewrite.subject, rewrite.target, true, case_id)
+                paraphrases = _strings(record.get("paraphrase_prompts", record.get("rephrase_prompt")))
+                if "neighborhood_prompts" in record:
+                    hood = tuple((p, true) for p in _strings(record["neighborhood_prompts"]))
+                else:
+                    prompts = _strings(record.get("locality_prompt"))
+                    answers = _strings(record.get("locality_ground_truth"))
+                    if len(answers) == 1 and len(prompts) > 1:
+                        answers = answers * len(prompts)
+                    if len(answers) != len(prompts):
+                        raise FactError("locality_prompt and locality_ground_truth differ in length")
+                    hood = tuple(zip(prompts, answers, strict=True))
+            except FactError as exc:
+                raise FactError(f"record {row}: {exc}", row=row) from None
+            name = f"r{len(relations)}" if rewrite.prompt not in relations else relations[rewrite.prompt].name
+            relations.setdefault(rewrite.prompt, Relation(name, (rewrite.prompt,)))
+            facts.append(WorldFact(rewrite.subject, relations[rewrite.prompt].name, true))
+            cases.append(EditCase(int(case_id), rewrite, paraphrases, hood))
+        if not cases:
+            raise FactError("no records")
+        return cls(tuple(relations.values()), tuple(facts), tuple(cases))
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def relation(self, name: str) -> Relation:
+        """The relation called ``name``."""
+        try:
+            return self._relation_index[name]
+        except KeyError:
+            raise ParameterError(f"the world has no relation {name!r}") from None
+
+    @property
+    def subjects(self) -> list[str]:
+        """The subjects of the true facts, in order of first appearance."""
+        return list(dict.fromkeys(f.subject for f in self.facts))
+
+    def statements(self, fact: WorldFact) -> list[str]:
+        """``fact`` in every phrasing of its relation, as training sentences (prompt + " " + object)."""
+        return [f"{fill(p, fact.subject)} {fact.object}" for p in self.relation(fact.relation).phrasings]
+
+    def edit_facts(self, n: int | None = None) -> list[Fact]:
+        """The first ``n`` (default all) cases' rewrites, ready for ``Editor.edit``."""
+        return [case.rewrite for case in self.cases[:n]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready contents (the basis of :meth:`fingerprint`)."""
+        return {
+            "relations": [
+                {"name": r.name, "phrasings": list(r.phrasings), "objects": list(r.objects)}
+                for r in self.relations
+            ],
+            "facts": [asdict(f) for f in self.facts],
+            "cases": [
+                {
+                    "case_id": c.case_id,
+                    "rewrite": c.rewrite.to_dict(),
+                    "paraphrases": list(c.paraphrases),
+                    "neighborhood": [list(pair) for pair in c.neighborhood],
+                }
+                for c in self.cases
+            ],
+            "fillers": list(self.fillers),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> World:
+        """Inverse of :meth:`to_dict`."""
+        try:
+            return cls(
+                relations=tuple(
+                    Relation(r["name"], tuple(r["phrasings"]), tuple(r["objects"])) for r in data["relations"]
+                ),
+                facts=tuple(WorldFact(**f) for f in data["facts"]),
+                cases=tuple(
+                    EditCase(
+                        c["case_id"],
+                        Fact.from_dict(c["rewrite"]),
+                        tuple(c["paraphrases"]),
+                        tuple((str(p), str(o)) for p, o in c["neighborhood"]),
+                    )
+                    for c in data["cases"]
+                ),
+                fillers=tuple(data["fillers"]),
+                seed=data.get("seed"),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ParameterError(f"not a world's dict: {exc!r}") from None
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the world's contents: equal worlds, equal fingerprints."""
+        text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise FactError(f"expected a string or a list of strings, got {value!r}")
