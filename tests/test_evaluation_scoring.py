@@ -98,3 +98,18 @@ def test_bad_arguments(tokens: TokenAdapter) -> None:
         score_targets(model, tokens, ["a"], ["b"], batch_size=0)
     with pytest.raises(ParameterError, match="no tokens"):
         score_targets(model, tokens, [""], ["b"])
+
+
+def test_evaluation_prefixes(tokens: TokenAdapter) -> None:
+    from eamet.evaluation import EVAL_PREFIX_SEEDS, evaluation_prefixes
+
+    model = tiny_model("gpt2", vocab_size=VOCAB)
+    assert evaluation_prefixes(model, tokens, 0) == [""]
+    first = evaluation_prefixes(model, tokens, 3, seed=1)
+    assert first == evaluation_prefixes(model, tokens, 3, seed=1)
+    assert len(first) == len(EVAL_PREFIX_SEEDS) == 10
+    for prefix, word in zip(first, EVAL_PREFIX_SEEDS, strict=True):
+        assert prefix.startswith(word) and prefix.endswith(". ") and "{}" not in prefix
+    assert evaluation_prefixes(model, tokens, 3, seed=2) != first
+    with pytest.raises(ParameterError, match="prefix length"):
+        evaluation_prefixes(model, tokens, -1)

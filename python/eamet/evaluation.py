@@ -25,9 +25,31 @@ from torch import nn
 
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import ParameterError
+from eamet.facts import SUBJECT_SLOT
+from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
 
-__all__ = ["TargetScores", "lenient_correct", "score_targets"]
+__all__ = [
+    "EVAL_PREFIX_SEEDS",
+    "TargetScores",
+    "evaluation_prefixes",
+    "lenient_correct",
+    "score_targets",
+]
+
+# The reference evaluation's prefix seed words (algorithm.md §8.4).
+EVAL_PREFIX_SEEDS = (
+    "The",
+    "Therefore",
+    "You",
+    "However",
+    "And",
+    "While",
+    "To",
+    "Nevertheless",
+    "Never",
+    "He",
+)
 
 
 @dataclass(frozen=True)
@@ -111,3 +133,27 @@ def lenient_correct(nll_wanted: torch.Tensor, nll_other: torch.Tensor, *, ties: 
     reference's ``NLL_new > NLL_true``).
     """
     return nll_wanted <= nll_other if ties else nll_wanted < nll_other
+
+
+def evaluation_prefixes(
+    model: nn.Module,
+    tokens: TokenAdapter,
+    length: int,
+    *,
+    seed: int | None = 0,
+    seeds: Sequence[str] = EVAL_PREFIX_SEEDS,
+) -> list[str]:
+    """Prefixes put before evaluation prompts (algorithm.md §8.4), generated from ``model`` — call it before
+    editing — by sampling ``length`` tokens after each seed word (temperature 0.7, top-k 50, top-p 0.9).
+
+    Returns ``["<text>. ", ...]`` (one per seed word), or ``[""]`` (the bare prompt) when ``length`` is 0.
+    Seeded (``seed=None`` samples unseeded, as the reference does).
+    """
+    if length < 0:
+        raise ParameterError(f"prefix length must be >= 0, got {length}", argument="length")
+    if length == 0:
+        return [""]
+    templates = generate_templates(
+        model, tokens, seeds, length=length, temperature=0.7, top_k=50, top_p=0.9, seed=seed
+    )
+    return [t[: -len(SUBJECT_SLOT)] for t in templates[1:]]
