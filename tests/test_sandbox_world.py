@@ -155,6 +155,7 @@ def test_easyedit_records_match_the_rome_form() -> None:
         ({**EASYEDIT[0], "ground_truth": None}, "target_true"),
         ({**EASYEDIT[0], "locality_ground_truth": ["a", "b"]}, "differ in length"),
         ({**EASYEDIT[0], "rephrase_prompt": 3}, "list of strings"),
+        ({**EASYEDIT[0], "case_id": "x7"}, "case_id"),
         ({"prompt": "no subject here", "subject": "X", "target_new": "y", "ground_truth": "z"}, "subject"),
     ],
 )

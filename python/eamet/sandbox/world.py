@@ -277,6 +277,8 @@ class World:
                 if true is None:
                     raise FactError("no 'target_true' or 'ground_truth'")
                 case_id = record.get("case_id", row)
+                if isinstance(case_id, bool) or not isinstance(case_id, int):
+                    raise FactError(f"case_id must be an integer, got {case_id!r}")
                 rewrite = Fact(rewrite.prompt, rewrite.subject, rewrite.target, true, case_id)
                 paraphrases = _strings(record.get("paraphrase_prompts", record.get("rephrase_prompt")))
                 if "neighborhood_prompts" in record:
@@ -294,7 +296,7 @@ class World:
             name = f"r{len(relations)}" if rewrite.prompt not in relations else relations[rewrite.prompt].name
             relations.setdefault(rewrite.prompt, Relation(name, (rewrite.prompt,)))
             facts.append(WorldFact(rewrite.subject, relations[rewrite.prompt].name, true))
-            cases.append(EditCase(int(case_id), rewrite, paraphrases, hood))
+            cases.append(EditCase(case_id, rewrite, paraphrases, hood))
         if not cases:
             raise FactError("no records")
         return cls(tuple(relations.values()), tuple(facts), tuple(cases))
