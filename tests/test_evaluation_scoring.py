@@ -113,3 +113,17 @@ def test_evaluation_prefixes(tokens: TokenAdapter) -> None:
     assert evaluation_prefixes(model, tokens, 3, seed=2) != first
     with pytest.raises(ParameterError, match="prefix length"):
         evaluation_prefixes(model, tokens, -1)
+
+
+def test_ngram_entropy_by_hand() -> None:
+    from eamet.evaluation import ngram_entropy
+
+    # "a b a b": bigrams (a,b)×2, (b,a)×1 -> H2 = h(2/3, 1/3); trigrams (a,b,a), (b,a,b) -> H3 = 1 bit.
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    # Four distinct words: 3 distinct bigrams, 2 distinct trigrams.
+    assert ngram_entropy("one two three four") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("word") == 0.0 and ngram_entropy("") == 0.0
+    assert ngram_entropy("Hi, there.") == ngram_entropy("Hi , there .")  # punctuation marks are words
+    repetitive, varied = "the cat " * 20, "the cat sat on a mat while the dog ran to the park and back"
+    assert ngram_entropy(repetitive) < ngram_entropy(varied)

@@ -17,6 +17,9 @@ Scoring is batched: prompts and targets are tokenised once (the edit's BOS polic
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -34,6 +37,7 @@ __all__ = [
     "TargetScores",
     "evaluation_prefixes",
     "lenient_correct",
+    "ngram_entropy",
     "score_targets",
 ]
 
@@ -157,3 +161,23 @@ def evaluation_prefixes(
         model, tokens, seeds, length=length, temperature=0.7, top_k=50, top_p=0.9, seed=seed
     )
     return [t[: -len(SUBJECT_SLOT)] for t in templates[1:]]
+
+
+# Words and single punctuation marks: a dependency-free stand-in for NLTK's word_tokenize (which the
+# reference calls); they differ on contractions ("don't" -> "don", "'", "t" here, "do", "n't" in NLTK).
+_WORDS = re.compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str) -> float:
+    """The reference's fluency score of one text (algorithm.md §8.3): (2/3·H₂ + 4/3·H₃) / 2, where Hₙ is
+    the Shannon entropy in bits of the text's n-gram frequency distribution. 0 for texts too short to
+    hold a bigram; a text repeating itself scores low.
+    """
+    words = _WORDS.findall(text)
+    weighted = []
+    for n, weight in ((2, 2 / 3), (3, 4 / 3)):
+        counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(counts.values())
+        entropy = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
+        weighted.append(weight * entropy)
+    return sum(weighted) / 2
