@@ -36,6 +36,11 @@ SCRIPT = textwrap.dedent(
         raise AssertionError("integer keys were accepted")
     world = eamet.sandbox.World.generate(seed=0, n_subjects=10)
     assert len(world.cases) == 40
+    import json
+    with open("facts.jsonl", "w") as f:
+        f.write(json.dumps({"prompt": "{} speaks", "subject": "Ada", "target": "Welsh"}))
+    (case,) = eamet.load_dataset("jsonl", "facts.jsonl")
+    assert case.rewrite.target == "Welsh"
     assert "torch" not in sys.modules or sys.modules["torch"] is None, "eamet imported torch"
     print("ok without torch")
     """

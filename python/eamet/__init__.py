@@ -1,8 +1,9 @@
 """eamet: massive knowledge editing of Hugging Face causal LMs (EAMET and MEMIT), with a Rust core.
 
 Editing: ``Editor(model, tokenizer).edit(facts)`` (EAMET or MEMIT) returns an undoable, saveable
-``EditResult``. Diagnostics: ``misalignment(keys, residuals)``, importable and runnable without torch
-(the editing names import torch on first use).
+``EditResult``. Evaluation: ``evaluate(model, tokenizer, load_dataset("counterfact", path))``.
+Diagnostics: ``misalignment(keys, residuals)``, importable and runnable without torch (the editing and
+evaluation names import torch on first use; ``load_dataset`` needs none).
 
     >>> import numpy as np, eamet
     >>> keys = np.random.default_rng(0).normal(size=(1000, 64))
@@ -21,9 +22,11 @@ from eamet.diagnostics import MisalignmentReport, misalignment, neighbors
 from eamet.errors import EametError
 from eamet.facts import Fact
 from eamet.moments import SecondMoment
+from eamet.records import load_dataset
 
 if TYPE_CHECKING:
     from eamet.editor import Editor, EditResult
+    from eamet.evaluation import EvaluationReport, evaluate
 
 __all__ = [
     "ArchSpec",
@@ -31,20 +34,28 @@ __all__ = [
     "EditConfig",
     "EditResult",
     "Editor",
+    "EvaluationReport",
     "Fact",
     "MisalignmentReport",
     "SecondMoment",
     "__version__",
     "errors",
+    "evaluate",
     "get_num_threads",
     "known_architectures",
+    "load_dataset",
     "misalignment",
     "neighbors",
     "register_arch",
     "set_num_threads",
 ]
 
-_LAZY = {"Editor": "eamet.editor", "EditResult": "eamet.editor"}
+_LAZY = {
+    "Editor": "eamet.editor",
+    "EditResult": "eamet.editor",
+    "EvaluationReport": "eamet.evaluation",
+    "evaluate": "eamet.evaluation",
+}
 
 
 _SUBPACKAGES = ("sandbox",)

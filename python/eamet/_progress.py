@@ -10,8 +10,10 @@ __all__ = ["progress_callback"]
 
 
 @contextmanager
-def progress_callback(enabled: bool, description: str) -> Iterator[Callable[[int, int], None] | None]:
-    """Yields a ``callback(done, total)`` that drives a tqdm bar, or ``None`` when disabled.
+def progress_callback(
+    enabled: bool, description: str, unit: str = "tile"
+) -> Iterator[Callable[[int, int], None] | None]:
+    """Yields a ``callback(done, total)`` that drives a tqdm bar counting ``unit``, or ``None`` when disabled.
 
     The bar is created on the first report (the core reports after 100 ms of work), so quick calls and
     calls that fail validation print nothing.
@@ -25,7 +27,7 @@ def progress_callback(enabled: bool, description: str) -> Iterator[Callable[[int
 
     def callback(done: int, total: int) -> None:
         if not bars:
-            bars.append(tqdm(total=total or None, desc=description, unit="tile", leave=False))
+            bars.append(tqdm(total=total or None, desc=description, unit=unit, leave=False))
         bar = bars[0]
         if total and bar.total != total:
             bar.total = total

@@ -14,6 +14,7 @@ __all__ = [
     "CacheError",
     "CorpusError",
     "DTypeError",
+    "DatasetError",
     "EametError",
     "EditMismatchError",
     "EmptyError",
@@ -107,6 +108,12 @@ class EditMismatchError(EametError, ValueError):
 
 class CorpusError(EametError, ValueError):
     """The text corpus for the covariance statistics cannot be read or holds no usable text."""
+
+
+class DatasetError(EametError, ValueError):
+    """An evaluation dataset file is missing, unreadable, not JSON, or not a list of records; ``path`` names
+    it (a record that cannot be read is a :class:`FactError` with its ``row``).
+    """
 
 
 class SolveError(EametError, ArithmeticError):

@@ -13,6 +13,9 @@ Two notions of "correct", always reported side by side:
 Scoring is batched: prompts and targets are tokenised once (the edit's BOS policy and target-token rules,
 :class:`~eamet.tokens.TokenAdapter`), grouped by length, right-padded, and read at positions
 ``len(prompt) + j - 1`` for target token ``j``.
+
+:func:`evaluate` runs the whole protocol (efficacy, generalisation, specificity, fluency) on
+:class:`~eamet.records.EditCase` records and returns an :class:`EvaluationReport`; see docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -20,21 +23,26 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from eamet._progress import progress_callback
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import ParameterError
 from eamet.facts import SUBJECT_SLOT
+from eamet.records import EditCase, case_from_record
 from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
 
 __all__ = [
     "EVAL_PREFIX_SEEDS",
+    "EvaluationReport",
     "TargetScores",
+    "evaluate",
     "evaluation_prefixes",
     "lenient_correct",
     "ngram_entropy",
@@ -79,6 +87,7 @@ def score_targets(
     targets: Sequence[str],
     *,
     batch_size: int = 40,
+    on_batch: Callable[[int], None] | None = None,
 ) -> TargetScores:
     """Teacher-forced scores of ``targets[b]`` as the continuation of ``prompts[b]``.
 
@@ -90,6 +99,7 @@ def score_targets(
         tokens: the tokenisation (BOS policy, target ids).
         prompts: B filled prompts (no target).
         targets: B targets (a leading space is implied, as for edits).
+        on_batch: called after each forward with the number of pairs it scored (progress bars).
 
     Returns:
         :class:`TargetScores`. Raises ``ParameterError`` for mismatched lengths or an empty prompt.
@@ -123,6 +133,8 @@ def score_targets(
                 scores = log_probs[row, positions]
                 nll[i] = -scores.gather(1, wanted[:, None]).double().mean().cpu()
                 hits[i] = (scores.argmax(dim=-1) == wanted).cpu()
+            if on_batch is not None:
+                on_batch(len(batch))
     finally:
         model.train(was_training)
     strict = torch.tensor([bool(h.all()) for h in hits], dtype=torch.bool)
@@ -181,3 +193,352 @@ def ngram_entropy(text: str) -> float:
         entropy = -sum(c / total * math.log2(c / total) for c in counts.values()) if total else 0.0
         weighted.append(weight * entropy)
     return sum(weighted) / 2
+
+
+# -- the evaluation protocol -------------------------------------------------------------------------------
+
+# The reference truncates generation inputs to this many tokens (algorithm.md §8.3).
+MAX_GENERATION_PROMPT_TOKENS = 256
+METRICS = ("efficacy", "generalization", "specificity")
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    """What :func:`evaluate` measured: per-record rates, aggregated on demand.
+
+    Attributes:
+        per_record: one dict per record, in input order: ``case_id``, ``kind``, and ``efficacy_strict``,
+            ``efficacy_lenient``, ``generalization_strict``, ``generalization_lenient``,
+            ``specificity_strict``, ``specificity_lenient``, ``fluency``. Rates are in [0, 1] (fluency in
+            bits); ``None`` where the record has nothing to measure (no paraphrases, no neighbours), where
+            the metric is undefined (lenient for zsRE, or without a true object) or not run (fluency).
+        prefixes: the evaluation prefixes put before CounterFact rewrite and neighbourhood prompts
+            (``("",)``: none).
+        prefix_len: the prefix length the caller asked for (reported as given).
+    """
+
+    per_record: list[dict[str, Any]]
+    prefixes: tuple[str, ...]
+    prefix_len: int
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """``{"efficacy": {"strict", "lenient"}, "generalization": {...}, "specificity": {...}, "fluency",
+        "n_records", "prefix_len"}``: each rate is the mean over the records that have it (each record
+        first averaged over its own prompts), ``None`` if no record has it.
+        """
+        out: dict[str, Any] = {
+            m: {"strict": self._mean(f"{m}_strict"), "lenient": self._mean(f"{m}_lenient")} for m in METRICS
+        }
+        out["fluency"] = self._mean("fluency")
+        out["n_records"] = len(self.per_record)
+        out["prefix_len"] = self.prefix_len
+        return out
+
+    def metrics(self) -> dict[str, float | None]:
+        """Flat ``{"efficacy_strict", "efficacy_lenient", "generalization_strict", "generalization_lenient",
+        "specificity_strict", "specificity_lenient", "fluency"}`` (the keys of ``eamet demo --json``)."""
+        keys = [f"{m}_{how}" for m in METRICS for how in ("strict", "lenient")] + ["fluency"]
+        return {key: self._mean(key) for key in keys}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"summary", "prefixes", "per_record"}``."""
+        return {
+            "summary": self.summary,
+            "prefixes": list(self.prefixes),
+            "per_record": [dict(row) for row in self.per_record],
+        }
+
+    def _mean(self, key: str) -> float | None:
+        values = [row[key] for row in self.per_record if row[key] is not None]
+        return sum(values) / len(values) if values else None
+
+
+class _Pairs:
+    """(prompt, target) pairs of one metric kind, scored together by one :func:`score_targets` call."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.targets: list[str] = []
+
+    def add(self, prompt: str, target: str) -> int:
+        self.prompts.append(prompt)
+        self.targets.append(target)
+        return len(self.prompts) - 1
+
+    def pair(self, prompt: str, wanted: str, other: str | None) -> tuple[int, int | None]:
+        """Adds (prompt, wanted) and, if given, (prompt, other); returns their indices."""
+        return self.add(prompt, wanted), None if other is None else self.add(prompt, other)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+# Per record and metric: (wanted pair, other pair or None). Strict reads `wanted`; lenient compares the two.
+_Plan = dict[str, list[tuple[int, int | None]]]
+
+
+def evaluate(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[EditCase | Mapping[str, Any]],
+    *,
+    prefix_len: int = 0,
+    prefixes: Sequence[str] | None = None,
+    seed: int | None = 0,
+    fluency: bool = True,
+    generation_tokens: int = 64,
+    batch_size: int = 40,
+    progress: bool = True,
+) -> EvaluationReport:
+    """Evaluates ``model`` on edit cases with the reference protocol (algorithm.md §8), bugs fixed.
+
+    Per record (each then averaged over records; a record without paraphrases or neighbours does not
+    count for that metric):
+
+    * **efficacy**: the rewrite prompt (CounterFact: each prefix + the prompt) → the new object;
+    * **generalization**: each paraphrase (never prefixed) → the new object;
+    * **specificity**: each neighbourhood prompt (CounterFact: × prefixes) → its expected object;
+    * **strict**: every target token is the arg-max under teacher forcing (greedy decoding emits the
+      target). **lenient**: mean per-token NLL of new ≤ true (efficacy, generalisation), expected < new
+      (specificity). For zsRE, lenient is ``None`` (there is no true object) and specificity is the
+      per-token arg-max accuracy of the neighbour's answer, averaged over its tokens — computed from the
+      same teacher-forced pass, not by re-tokenising decoded pieces as the reference does;
+    * **fluency**: the n-gram entropy (:func:`ngram_entropy`) of the greedy continuation
+      (``generation_tokens`` new tokens) of each generation prompt — the rewrite prompt when a record has
+      none — decoded together with the prompt.
+
+    Scoring runs as one batched :func:`score_targets` call per metric (``batch_size`` sequences per
+    forward) and batched greedy generation; the model is put in eval mode, without gradients, and its
+    mode is restored. Deterministic for a ``seed``.
+
+    Args:
+        model: a causal LM (``.logits`` of shape (B, T, V)); Hugging Face models generate with
+            ``model.generate``, others with a cache-free greedy loop.
+        tokenizer: its Hugging Face tokenizer, or a :class:`~eamet.tokens.TokenAdapter` (BOS policy).
+        records: N edit cases; dicts are read with :func:`~eamet.records.case_from_record`.
+        prefix_len: tokens sampled per evaluation prefix (0: bare prompts). Ignored if ``prefixes`` is
+            given.
+        prefixes: evaluation prefixes to use as they are. Generate them once from the *unedited* model with
+            :func:`evaluation_prefixes` and pass the same list before and after editing; by default they
+            are generated here, from ``model``, with ``seed``.
+        seed: seed of the prefix sampling.
+        fluency: run the generation test (``False``: fluency is ``None``).
+        generation_tokens: new tokens per generation.
+        batch_size: sequences per forward (scoring and generation).
+        progress: show a progress bar.
+
+    Returns:
+        :class:`EvaluationReport` (``summary``, ``metrics()``, ``per_record``, ``prefixes``).
+
+    Raises:
+        ParameterError: no records, ``prefix_len < 0``, ``generation_tokens < 1``, ``batch_size < 1``,
+            empty or non-string ``prefixes``, or an item that is neither an ``EditCase`` nor a dict.
+        FactError: a dict record cannot be read (``row`` names it).
+    """
+    cases = _as_cases(records)
+    if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
+        raise ParameterError(f"prefix_len must be an integer >= 0, got {prefix_len!r}", argument="prefix_len")
+    if generation_tokens < 1:
+        raise ParameterError(
+            f"generation_tokens must be >= 1, got {generation_tokens}", argument="generation_tokens"
+        )
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be >= 1, got {batch_size}", argument="batch_size")
+    given = None if prefixes is None else _check_prefixes(prefixes)
+    tokens = tokenizer if isinstance(tokenizer, TokenAdapter) else TokenAdapter(tokenizer)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            used = given if given is not None else evaluation_prefixes(model, tokens, prefix_len, seed=seed)
+            rows = _evaluate_cases(
+                model, tokens, cases, used, fluency, generation_tokens, batch_size, progress
+            )
+    finally:
+        model.train(was_training)
+    return EvaluationReport(per_record=rows, prefixes=tuple(used), prefix_len=prefix_len)
+
+
+def _as_cases(records: Sequence[EditCase | Mapping[str, Any]]) -> list[EditCase]:
+    if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
+        raise ParameterError(
+            f"records must be a sequence of EditCase (or record dicts), got {type(records).__name__}",
+            argument="records",
+        )
+    cases = []
+    for row, item in enumerate(records):
+        if isinstance(item, EditCase):
+            cases.append(item)
+        elif isinstance(item, Mapping):
+            cases.append(case_from_record(item, row))
+        else:
+            raise ParameterError(
+                f"record {row}: expected an EditCase or a dict, got {type(item).__name__}",
+                argument="records",
+                row=row,
+            )
+    if not cases:
+        raise ParameterError("no records to evaluate", argument="records")
+    return cases
+
+
+def _check_prefixes(prefixes: Sequence[str]) -> list[str]:
+    if isinstance(prefixes, str):
+        raise ParameterError("prefixes must be a list of strings, not one string", argument="prefixes")
+    out = list(prefixes)
+    if not out or not all(isinstance(p, str) for p in out):
+        raise ParameterError(
+            f"prefixes must be a non-empty list of strings ([''] for none), got {prefixes!r}",
+            argument="prefixes",
+        )
+    return out
+
+
+def _evaluate_cases(
+    model: nn.Module,
+    tokens: TokenAdapter,
+    cases: list[EditCase],
+    prefixes: list[str],
+    fluency: bool,
+    generation_tokens: int,
+    batch_size: int,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    pairs = {m: _Pairs() for m in METRICS}
+    plans: list[_Plan] = []
+    for case in cases:
+        counterfact = case.kind == "counterfact"
+        new = case.rewrite.target
+        # Lenient efficacy and generalisation compare against the true object, if the protocol has one.
+        true = case.rewrite.target_true if counterfact else None
+        before = prefixes if counterfact else [""]
+        efficacy, paraphrase, hood = pairs["efficacy"], pairs["generalization"], pairs["specificity"]
+        plans.append(
+            {
+                "efficacy": [efficacy.pair(p + case.rewrite.text, new, true) for p in before],
+                "generalization": [paraphrase.pair(q, new, true) for q in case.paraphrases],
+                "specificity": [
+                    hood.pair(p + q, expected, new if counterfact else None)
+                    for p in before
+                    for q, expected in case.neighborhood
+                ],
+            }
+        )
+    generation = [case.generation_prompts or (case.rewrite.text,) for case in cases] if fluency else []
+    total = sum(len(p) for p in pairs.values()) + sum(len(g) for g in generation)
+    with progress_callback(progress, "evaluate", unit="seq") as callback:
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if callback is not None:
+                callback(done, total)
+
+        scores = {
+            m: score_targets(model, tokens, p.prompts, p.targets, batch_size=batch_size, on_batch=advance)
+            for m, p in pairs.items()
+            if len(p)
+        }
+        flat = [prompt for prompts in generation for prompt in prompts]
+        texts = _greedy_texts(
+            model, tokens, flat, new_tokens=generation_tokens, batch_size=batch_size, on_batch=advance
+        )
+    rows = []
+    for case, plan in zip(cases, plans, strict=True):
+        row: dict[str, Any] = {"case_id": case.case_id, "kind": case.kind}
+        for metric in METRICS:
+            items = plan[metric]
+            strict: float | None = None
+            lenient: float | None = None
+            if items:
+                s = scores[metric]
+                if metric == "specificity" and case.kind == "zsre":
+                    hits = torch.cat([s.token_hits[w] for w, _ in items])
+                    strict = float(hits.double().mean())
+                else:
+                    strict = float(s.strict[[w for w, _ in items]].double().mean())
+                if all(o is not None for _, o in items):
+                    wanted = s.nll[[w for w, _ in items]]
+                    other = s.nll[[o for _, o in items if o is not None]]
+                    ok = lenient_correct(wanted, other, ties=metric != "specificity")
+                    lenient = float(ok.double().mean())
+            row[f"{metric}_strict"], row[f"{metric}_lenient"] = strict, lenient
+        row["fluency"] = None
+        rows.append(row)
+    if fluency:
+        start = 0
+        for row, prompts in zip(rows, generation, strict=True):
+            entropies = [ngram_entropy(text) for text in texts[start : start + len(prompts)]]
+            start += len(prompts)
+            row["fluency"] = sum(entropies) / len(entropies)
+    return rows
+
+
+@torch.no_grad()
+def _greedy_texts(
+    model: nn.Module,
+    tokens: TokenAdapter,
+    prompts: Sequence[str],
+    *,
+    new_tokens: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+    use_generate: bool | None = None,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (each encoded with the BOS policy and truncated to its first
+    256 tokens, as the reference), decoded together with the prompt, special tokens skipped.
+
+    Prompts are batched by exact token length, so no sequence is padded and positions are those of an
+    unbatched run on every architecture. Generation stops at EOS (the rest of the row is dropped).
+    ``model.generate(do_sample=False)`` (with its KV cache) is used when the model has it, else a
+    cache-free arg-max loop; ``use_generate`` forces one or the other.
+
+    Returns ``len(prompts)`` texts, in input order.
+    """
+    if not prompts:
+        return []
+    encoded = [tokens.encode(p)[:MAX_GENERATION_PROMPT_TOKENS] for p in prompts]
+    for row, seq in enumerate(encoded):
+        if not seq:
+            raise ParameterError(f"generation prompt {row} ({prompts[row]!r}) encodes to no tokens")
+    if use_generate is None:
+        use_generate = callable(getattr(model, "generate", None))
+    device = next(model.parameters()).device
+    eos = tokens.tokenizer.eos_token_id
+    by_length: dict[int, list[int]] = {}
+    for i, seq in enumerate(encoded):
+        by_length.setdefault(len(seq), []).append(i)
+    texts = [""] * len(prompts)
+    for length in sorted(by_length):
+        group = by_length[length]
+        for start in range(0, len(group), batch_size):
+            batch = group[start : start + batch_size]
+            inputs = torch.tensor([encoded[i] for i in batch], dtype=torch.long, device=device)
+            if use_generate:
+                generate: Callable[..., torch.Tensor] = getattr(model, "generate")  # noqa: B009
+                out = generate(
+                    input_ids=inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    pad_token_id=tokens.pad_id,
+                    return_dict_in_generate=False,
+                )
+            else:
+                out = inputs
+                for _ in range(new_tokens):
+                    logits = model(input_ids=out, attention_mask=torch.ones_like(out)).logits
+                    out = torch.cat([out, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+                    if eos is not None and bool((out[:, length:] == eos).any(dim=1).all()):
+                        break
+            for row, i in enumerate(batch):
+                new = out[row, length:].tolist()
+                if eos is not None and eos in new:
+                    new = new[: new.index(eos)]
+                texts[i] = str(tokens.tokenizer.decode(encoded[i] + new, skip_special_tokens=True))
+            if on_batch is not None:
+                on_batch(len(batch))
+    return texts

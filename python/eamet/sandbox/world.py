@@ -17,6 +17,7 @@ from typing import Any
 
 from eamet.errors import FactError, ParameterError
 from eamet.facts import SUBJECT_SLOT, Fact, fill
+from eamet.records import EditCase, counterfact_case
 
 __all__ = ["DEFAULT_RELATIONS", "EditCase", "Relation", "World", "WorldFact"]
 
@@ -45,23 +46,6 @@ class WorldFact:
     subject: str
     relation: str
     object: str
-
-
-@dataclass(frozen=True)
-class EditCase:
-    """One edit request with what evaluation needs (CounterFact's record, as data).
-
-    Attributes:
-        case_id: the record's id.
-        rewrite: the edit; ``rewrite.target`` is the new object, ``rewrite.target_true`` the old one.
-        paraphrases: filled prompts that should now continue with the new object.
-        neighborhood: (filled prompt, expected object) pairs of other subjects, unchanged by the edit.
-    """
-
-    case_id: int
-    rewrite: Fact
-    paraphrases: tuple[str, ...] = ()
-    neighborhood: tuple[tuple[str, str], ...] = ()
 
 
 # Relations of the generated world. Objects are common words, so that a tokenizer trained on the world
@@ -271,32 +255,14 @@ class World:
         facts: list[WorldFact] = []
         cases: list[EditCase] = []
         for row, record in enumerate(records):
-            try:
-                rewrite = Fact.from_dict(record)
-                true = rewrite.target_true
-                if true is None:
-                    raise FactError("no 'target_true' or 'ground_truth'")
-                case_id = record.get("case_id", row)
-                if isinstance(case_id, bool) or not isinstance(case_id, int):
-                    raise FactError(f"case_id must be an integer, got {case_id!r}")
-                rewrite = Fact(rewrite.prompt, rewrite.subject, rewrite.target, true, case_id)
-                paraphrases = _strings(record.get("paraphrase_prompts", record.get("rephrase_prompt")))
-                if "neighborhood_prompts" in record:
-                    hood = tuple((p, true) for p in _strings(record["neighborhood_prompts"]))
-                else:
-                    prompts = _strings(record.get("locality_prompt"))
-                    answers = _strings(record.get("locality_ground_truth"))
-                    if len(answers) == 1 and len(prompts) > 1:
-                        answers = answers * len(prompts)
-                    if len(answers) != len(prompts):
-                        raise FactError("locality_prompt and locality_ground_truth differ in length")
-                    hood = tuple(zip(prompts, answers, strict=True))
-            except FactError as exc:
-                raise FactError(f"record {row}: {exc}", row=row) from None
+            case = counterfact_case(record, row)
+            rewrite = case.rewrite
+            true = rewrite.target_true
+            assert true is not None  # counterfact_case requires it
             name = f"r{len(relations)}" if rewrite.prompt not in relations else relations[rewrite.prompt].name
             relations.setdefault(rewrite.prompt, Relation(name, (rewrite.prompt,)))
             facts.append(WorldFact(rewrite.subject, relations[rewrite.prompt].name, true))
-            cases.append(EditCase(case_id, rewrite, paraphrases, hood))
+            cases.append(case)
         if not cases:
             raise FactError("no records")
         return cls(tuple(relations.values()), tuple(facts), tuple(cases))
@@ -331,15 +297,7 @@ class World:
                 for r in self.relations
             ],
             "facts": [asdict(f) for f in self.facts],
-            "cases": [
-                {
-                    "case_id": c.case_id,
-                    "rewrite": c.rewrite.to_dict(),
-                    "paraphrases": list(c.paraphrases),
-                    "neighborhood": [list(pair) for pair in c.neighborhood],
-                }
-                for c in self.cases
-            ],
+            "cases": [c.to_dict() for c in self.cases],
             "fillers": list(self.fillers),
             "seed": self.seed,
         }
@@ -353,15 +311,7 @@ class World:
                     Relation(r["name"], tuple(r["phrasings"]), tuple(r["objects"])) for r in data["relations"]
                 ),
                 facts=tuple(WorldFact(**f) for f in data["facts"]),
-                cases=tuple(
-                    EditCase(
-                        c["case_id"],
-                        Fact.from_dict(c["rewrite"]),
-                        tuple(c["paraphrases"]),
-                        tuple((str(p), str(o)) for p, o in c["neighborhood"]),
-                    )
-                    for c in data["cases"]
-                ),
+                cases=tuple(EditCase.from_dict(c) for c in data["cases"]),
                 fillers=tuple(data["fillers"]),
                 seed=data.get("seed"),
             )
@@ -372,13 +322,3 @@ class World:
         """SHA-256 of the world's contents: equal worlds, equal fingerprints."""
         text = json.dumps(self.to_dict(), sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise FactError(f"expected a string or a list of strings, got {value!r}")
