@@ -51,8 +51,8 @@ step "mypy --strict"
 "$VPY" -m mypy
 
 step "ruff"
-"$VENV/bin/ruff" check python tests benches examples
-"$VENV/bin/ruff" format --check python tests benches examples
+"$VENV/bin/ruff" check python tests benches examples scripts
+"$VENV/bin/ruff" format --check python tests benches examples scripts
 
 step "pytest"
 "$VPY" -m pytest -q

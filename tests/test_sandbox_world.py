@@ -46,7 +46,9 @@ def test_generated_world_has_the_counterfact_shape() -> None:
         assert all(rw.subject in p and SUBJECT_SLOT not in p for p in case.paraphrases)
         assert len(case.neighborhood) <= 10
         for prompt, expected in case.neighborhood:
-            subject = prompt[: -len(rw.prompt.replace("{}", "").strip()) - 1]
+            head, tail = rw.prompt.split(SUBJECT_SLOT)
+            assert prompt.startswith(head) and prompt.endswith(tail)
+            subject = prompt[len(head) : len(prompt) - len(tail)]
             assert subject != rw.subject and truth[(subject, relation.name)] == expected == rw.target_true
     assert sum(bool(c.neighborhood) for c in world.cases) > len(world.cases) // 2
 

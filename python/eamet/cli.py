@@ -195,6 +195,125 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods(text: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    bad = [m for m in methods if m not in ("eamet", "memit")]
+    if not methods or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of eamet, memit; got {text!r}")
+    return methods
+
+
+def _print_run(run: dict[str, Any], json_path: str | None) -> None:
+    from eamet.runs import format_table, write_json
+
+    print(format_table(run))
+    if json_path:
+        write_json(run, json_path)
+        print(f"wrote {json_path}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from eamet.runs import run_demo
+
+    if args.records is not None and args.data is None:
+        raise EametError("--records needs --data")
+    run = run_demo(
+        edits=args.edits,
+        methods=args.methods,
+        data=args.data,
+        records=args.records,
+        quick=args.quick,
+        seed=args.seed,
+        prefix_len=args.prefix_len,
+        arch=args.arch,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
+    _print_run(run, args.json)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from eamet.loading import load_model
+    from eamet.records import load_dataset
+    from eamet.runs import run_edits
+
+    cases = load_dataset(args.format, args.data, limit=args.n)  # before the (slow) model load
+    if args.edit:
+        from eamet.editor import EditResult
+
+        ignored = [
+            f"--{n.replace('_', '-')}"
+            for n in ("preset", "config", "layers", "corpus", "samples")
+            if getattr(args, n) is not None
+        ]
+        if ignored:
+            raise EametError(f"{', '.join(ignored)} only apply with --method (the edit is already made)")
+        edit = EditResult.load(args.edit)
+        made = {(f.prompt, f.subject.strip(), f.target.strip()) for f in edit.facts}
+        missing = [
+            i
+            for i, c in enumerate(cases)
+            if (c.rewrite.prompt, c.rewrite.subject.strip(), c.rewrite.target.strip()) not in made
+        ]
+        if missing:
+            raise EametError(
+                f"{len(missing)} of {len(cases)} records (first: record {missing[0]}) are not facts of "
+                f"{args.edit}; evaluate the records the edit was made from (--n to select the first N)"
+            )
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.edit:
+        from eamet.evaluation import evaluate, evaluation_prefixes
+        from eamet.tokens import TokenAdapter
+
+        prefixes = evaluation_prefixes(model, TokenAdapter(tokenizer), args.prefix_len, seed=args.seed)
+        progress = not args.no_progress
+        before = evaluate(
+            model, tokenizer, cases, prefixes=prefixes, prefix_len=args.prefix_len, progress=progress
+        ).metrics()
+        edit.apply(model)
+        after = evaluate(
+            model, tokenizer, cases, prefixes=prefixes, prefix_len=args.prefix_len, progress=progress
+        ).metrics()
+        # The edit was made elsewhere: its misalignment is in the file, its time is not.
+        report = edit.misalignment
+        after["misalignment_total"] = float(report.total) if report is not None else None
+        after["edit_seconds"] = None
+        run: dict[str, Any] = {
+            "config": {
+                "model": args.model,
+                "data": args.data,
+                "edit": args.edit,
+                "records": len(cases),
+                "prefix_len": args.prefix_len,
+                "prefixes": prefixes,
+                "seed": args.seed,
+            },
+            "before": before,
+            "results": {edit.config.method: after},
+        }
+    else:
+        methods = args.method or ()
+        run = run_edits(
+            model,
+            tokenizer,
+            cases,
+            methods=methods,
+            config_for=lambda m, method: _edit_config(
+                argparse.Namespace(**{**vars(args), "method": method}), m
+            ).replace(method=method),  # a --config file's own method must not win over --method
+            corpus=args.corpus,
+            prefix_len=args.prefix_len,
+            seed=args.seed,
+            fluency=True,
+            progress=not args.no_progress,
+            log=print,
+            extra_config={"model": args.model, "data": args.data, "format": args.format},
+        )
+    _print_run(run, args.json)
+    return 0
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="hub id or local directory of a causal LM")
     parser.add_argument(
@@ -296,6 +415,70 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--bos", choices=("native", "always", "never"), default="native", help="BOS policy")
     stats.add_argument("--out", help="cache directory (default ~/.cache/eamet/stats)")
     stats.set_defaults(run=_cmd_stats)
+
+    demo = commands.add_parser(
+        "demo",
+        help="edit the sandbox's pocket model with EAMET and MEMIT and compare, before and after",
+        description=(
+            "Loads the pocket model of the default sandbox world (shipped with the package) or trains "
+            "one on a CounterFact file (--data), evaluates it, edits N facts with each method from the "
+            "same unedited weights, evaluates again and prints strict and lenient metrics side by side."
+        ),
+    )
+    demo.add_argument(
+        "--edits",
+        type=_positive_int,
+        help="facts to edit (default 512, the edited layers' d_ff; --quick: 32)",
+    )
+    demo.add_argument(
+        "--methods", type=_methods, default=("eamet", "memit"), help="comma-separated (default eamet,memit)"
+    )
+    demo.add_argument(
+        "--data", help="a CounterFact JSON file (ROME or EasyEdit form) to build the world from"
+    )
+    demo.add_argument("--records", type=_positive_int, help="use the first N records of --data")
+    demo.add_argument("--quick", action="store_true", help="edit 32 facts, skip fluency: under a minute")
+    demo.add_argument("--seed", type=int, default=0, help="seed of prefixes and templates (default 0)")
+    demo.add_argument(
+        "--prefix-len", type=_non_negative_int, default=0, help="evaluation prefix tokens (default 0)"
+    )
+    demo.add_argument(
+        "--arch", choices=("llama", "gpt2"), default="llama", help="pocket model (default llama)"
+    )
+    demo.add_argument(
+        "--cache-dir", help="where trained pocket models are cached (default ~/.cache/eamet/pocket)"
+    )
+    demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(run=_cmd_demo)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate a model on CounterFact or zsRE, before and after an edit",
+        description=(
+            "Evaluates the model on the data file (strict and lenient efficacy, generalisation, "
+            "specificity; fluency), then after applying a saved edit (--edit) or after editing the "
+            "file's first N records with each --method, each from the unedited weights."
+        ),
+    )
+    _model_options(evaluate)
+    evaluate.add_argument("--data", required=True, help="the dataset file")
+    evaluate.add_argument("--format", choices=("counterfact", "zsre", "jsonl"), required=True)
+    how = evaluate.add_mutually_exclusive_group(required=True)
+    how.add_argument("--edit", metavar="EDIT.safetensors", help="a saved edit to apply (eamet edit --out)")
+    how.add_argument("--method", type=_methods, help="edit the records first: eamet, memit or eamet,memit")
+    evaluate.add_argument("--n", type=_positive_int, help="use the first N records (default all)")
+    evaluate.add_argument(
+        "--prefix-len", type=_non_negative_int, default=5, help="evaluation prefix tokens (default 5)"
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of prefixes and templates (default 0)")
+    choice = evaluate.add_mutually_exclusive_group()
+    choice.add_argument("--preset", help="reference settings of a model, e.g. llama2-7b")
+    choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
+    evaluate.add_argument("--layers", type=_layers, help="edited blocks (default: from the config)")
+    evaluate.add_argument("--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path or hf:<dataset>")
+    evaluate.add_argument("--samples", type=_positive_int, help="corpus documents for C")
+    evaluate.set_defaults(run=_cmd_eval)
     return parser
 
 

@@ -49,16 +49,19 @@ class WorldFact:
 
 
 # Relations of the generated world. Objects are common words, so that a tokenizer trained on the world
-# gives most of them one or two tokens; the first phrasing puts the subject first, as CounterFact's do.
+# gives most of them one or two tokens. Every phrasing ends with the subject, so its object is predicted
+# at the subject's last token — where MEMIT and EAMET write. (Small models trained on subject-first or
+# "... of {} is" prompts look facts up at the final position from the raw subject tokens instead, and no
+# residual at the subject can move their answer: docs/sandbox.md has the measurements.)
 DEFAULT_RELATIONS: tuple[Relation, ...] = (
     Relation(
         "birthplace",
-        ("{} was born in", "The birthplace of {} is", "{} grew up in the city of"),
+        ("The birthplace of {}", "The hometown of {}", "The city of birth of {}"),
         ("Paris", "London", "Berlin", "Madrid", "Rome", "Lisbon", "Vienna", "Prague", "Oslo", "Dublin"),
     ),
     Relation(
         "language",
-        ("{} speaks", "The mother tongue of {} is", "{} was raised speaking"),
+        ("The mother tongue of {}", "The native language of {}", "The first language of {}"),
         (
             "French",
             "English",
@@ -74,42 +77,42 @@ DEFAULT_RELATIONS: tuple[Relation, ...] = (
     ),
     Relation(
         "profession",
-        ("{} works as a", "The profession of {} is", "By trade, {} is a"),
+        ("The profession of {}", "The occupation of {}", "The job of {}"),
         ("teacher", "doctor", "farmer", "lawyer", "painter", "baker", "pilot", "nurse", "writer", "chemist"),
     ),
     Relation(
         "instrument",
-        ("{} plays the", "The instrument of {} is the", "On stage, {} performs on the"),
+        ("The instrument of {}", "The instrument played by {}", "The favorite instrument of {}"),
         ("piano", "violin", "guitar", "flute", "drums", "cello", "trumpet", "harp", "organ", "clarinet"),
     ),
     Relation(
         "sport",
-        ("{} is a professional", "The sport of {} is", "Every weekend {} competes in"),
+        ("The sport of {}", "The sport played by {}", "The favorite sport of {}"),
         ("tennis", "football", "hockey", "cricket", "rugby", "golf", "boxing", "cycling", "rowing", "skiing"),
     ),
     Relation(
         "employer",
-        ("{} is employed by", "The employer of {} is", "Each morning {} drives to work at"),
+        ("The employer of {}", "The company employing {}", "The workplace of {}"),
         ("Google", "Nokia", "Siemens", "Toyota", "Apple", "Intel", "Philips", "Sony", "Boeing", "Samsung"),
     ),
     Relation(
         "color",
-        ("{} likes the color", "The favorite color of {} is", "Asked about colors, {} always names"),
+        ("The favorite color of {}", "The color preferred by {}", "The color loved by {}"),
         ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "pink", "brown"),
     ),
     Relation(
         "food",
-        ("{} loves to eat", "The favorite dish of {} is", "For dinner {} always orders"),
+        ("The favorite dish of {}", "The food loved by {}", "The meal preferred by {}"),
         ("pasta", "rice", "soup", "pizza", "bread", "cheese", "fish", "salad", "noodles", "cake"),
     ),
     Relation(
         "country",
-        ("{} is a citizen of", "The home country of {} is", "The passport of {} was issued by"),
+        ("The home country of {}", "The nationality of {}", "The citizenship of {}"),
         ("France", "Japan", "Brazil", "Canada", "Egypt", "India", "Mexico", "Norway", "Chile", "Kenya"),
     ),
     Relation(
         "pet",
-        ("{} owns a", "The pet of {} is a", "At home {} takes care of a"),
+        ("The pet of {}", "The animal owned by {}", "The companion animal of {}"),
         ("dog", "cat", "parrot", "rabbit", "horse", "turtle", "hamster", "goat", "snake", "pony"),
     ),
 )
@@ -144,6 +147,8 @@ class World:
         cases: the edit requests, in order.
         fillers: neutral sentences, for prefixes in training and evaluation.
         seed: the seed of :meth:`generate` (``None`` for worlds read from records).
+        known: more (filled prompt, object) pairs a model of the world should know — a record world's
+            paraphrases (true object) and neighbourhood prompts — trained and recalled with the facts.
     """
 
     relations: tuple[Relation, ...]
@@ -151,6 +156,7 @@ class World:
     cases: tuple[EditCase, ...]
     fillers: tuple[str, ...] = _FILLERS
     seed: int | None = None
+    known: tuple[tuple[str, str], ...] = ()
     _relation_index: dict[str, Relation] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -251,21 +257,36 @@ class World:
         True facts come from ``target_true``/``ground_truth`` (one relation per distinct rewrite prompt),
         edit targets from ``target_new``. Raises ``FactError`` naming the record that cannot be read.
         """
+        return cls.from_cases([counterfact_case(record, row) for row, record in enumerate(records)])
+
+    @classmethod
+    def from_cases(cls, cases: Iterable[EditCase]) -> World:
+        """A world from CounterFact-kind edit cases (e.g. ``eamet.load_dataset("counterfact", path)``).
+
+        Each case's rewrite prompt is a relation (named ``r0``, ``r1`` ... in order of appearance) and its
+        subject's ``target_true`` a true fact. The model should also know the paraphrases (with the true
+        object) and the neighbourhood prompts (with their objects): they are kept in :attr:`known`.
+        """
         relations: dict[str, Relation] = {}
         facts: list[WorldFact] = []
-        cases: list[EditCase] = []
-        for row, record in enumerate(records):
-            case = counterfact_case(record, row)
+        known: dict[tuple[str, str], None] = {}
+        kept: list[EditCase] = []
+        for row, case in enumerate(cases):
             rewrite = case.rewrite
             true = rewrite.target_true
-            assert true is not None  # counterfact_case requires it
+            if true is None or case.kind != "counterfact":
+                raise FactError(f"case {row}: a world needs CounterFact cases with a true object", row=row)
             name = f"r{len(relations)}" if rewrite.prompt not in relations else relations[rewrite.prompt].name
             relations.setdefault(rewrite.prompt, Relation(name, (rewrite.prompt,)))
             facts.append(WorldFact(rewrite.subject, relations[rewrite.prompt].name, true))
-            cases.append(case)
-        if not cases:
+            for prompt in case.paraphrases:
+                known[(prompt, true)] = None
+            for pair in case.neighborhood:
+                known[pair] = None
+            kept.append(case)
+        if not kept:
             raise FactError("no records")
-        return cls(tuple(relations.values()), tuple(facts), tuple(cases))
+        return cls(tuple(relations.values()), tuple(facts), tuple(kept), known=tuple(known))
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -300,6 +321,9 @@ class World:
             "cases": [c.to_dict() for c in self.cases],
             "fillers": list(self.fillers),
             "seed": self.seed,
+            # Only worlds read from records have these; leaving the key out keeps generated worlds'
+            # fingerprints (and so their cached models) as they were.
+            **({"known": [list(pair) for pair in self.known]} if self.known else {}),
         }
 
     @classmethod
@@ -314,6 +338,7 @@ class World:
                 cases=tuple(EditCase.from_dict(c) for c in data["cases"]),
                 fillers=tuple(data["fillers"]),
                 seed=data.get("seed"),
+                known=tuple((str(p), str(o)) for p, o in data.get("known", ())),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ParameterError(f"not a world's dict: {exc!r}") from None

@@ -1,0 +1,187 @@
+"""`eamet demo` and `eamet eval` end to end, with the JSON of design.md §2 checked."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from eamet.cli import main  # noqa: E402
+from eamet.runs import RATE_KEYS  # noqa: E402
+from eamet.sandbox import World, pocket  # noqa: E402
+from eamet.sandbox.pocket import PocketSettings, train_pocket  # noqa: E402
+
+SMALL: dict[str, Any] = {
+    "hidden": 128, "ffn": 256, "layers": 2, "max_epochs": 40, "target_recall": 0.98, "check_every": 2,
+    "lr": 5e-3, "warmup_steps": 20, "batch_size": 16,
+}  # fmt: skip
+
+
+def check_metrics(metrics: dict[str, Any], *, edited: bool) -> None:
+    for key in RATE_KEYS:
+        assert isinstance(metrics[key], float) and 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["fluency"] is None or metrics["fluency"] >= 0.0
+    if edited:
+        assert math.isfinite(metrics["misalignment_total"]) and metrics["misalignment_total"] >= 0.0
+        assert metrics["edit_seconds"] > 0.0
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EAMET_CACHE_DIR", str(tmp_path / "cache"))
+    torch.set_num_threads(2)
+
+
+def test_demo_quick_on_the_shipped_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo.json"
+    assert main(["demo", "--quick", "--edits", "12", "--json", str(out), "--no-progress"]) == 0
+    run = json.loads(out.read_text())
+    assert set(run) == {"config", "before", "results"}
+    assert run["config"]["edits"] == 12 and run["config"]["methods"] == ["eamet", "memit"]
+    assert set(run["results"]) == {"eamet", "memit"}
+    check_metrics(run["before"], edited=False)
+    for metrics in run["results"].values():
+        check_metrics(metrics, edited=True)
+    # The pocket model knows its facts; the edits replace them.
+    assert run["before"]["efficacy_strict"] == 0.0 and run["before"]["specificity_strict"] >= 0.9
+    assert run["results"]["memit"]["efficacy_strict"] >= 0.9
+    table = capsys.readouterr().out
+    assert "eff strict" in table and "memit" in table and "before" in table
+
+
+def counterfact_records(n: int) -> list[dict[str, Any]]:
+    world = World.generate(seed=5, n_subjects=8 * n, relations_per_subject=1)
+    records = []
+    for case in [c for c in world.cases if c.neighborhood][:n]:
+        rw = case.rewrite
+        records.append(
+            {
+                "case_id": case.case_id,
+                "requested_rewrite": {
+                    "prompt": rw.prompt,
+                    "subject": rw.subject,
+                    "target_new": {"str": rw.target},
+                    "target_true": {"str": rw.target_true},
+                },
+                "paraphrase_prompts": list(case.paraphrases),
+                "neighborhood_prompts": [p for p, _ in case.neighborhood],
+                "generation_prompts": [rw.text],
+            }
+        )
+    return records
+
+
+def test_demo_builds_a_world_from_a_counterfact_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small settings keep the test fast; the demo's own are those of the shipped model.
+    monkeypatch.setattr(pocket, "PocketSettings", lambda arch: PocketSettings(arch=arch, **SMALL))
+    data = tmp_path / "cf.json"
+    data.write_text(json.dumps(counterfact_records(16)))
+    out = tmp_path / "demo.json"
+    argv = ["demo", "--data", str(data), "--records", "12", "--edits", "4", "--methods", "memit"]
+    assert main([*argv, "--quick", "--json", str(out), "--no-progress"]) == 0
+    run = json.loads(out.read_text())
+    assert run["config"]["world"] == str(data) and set(run["results"]) == {"memit"}
+    check_metrics(run["results"]["memit"], edited=True)
+    assert run["before"]["efficacy_strict"] == 0.0
+
+
+def test_demo_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--edits", "999999", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "edit cases" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo", "--records", "3"]) == 1
+    with pytest.raises(SystemExit):
+        main(["demo", "--methods", "rome"])
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A small world's pocket model saved as a model directory, its first cases as JSONL, and a corpus."""
+    root = tmp_path_factory.mktemp("small")
+    world = World.generate(seed=1, n_subjects=24, relations_per_subject=3)
+    model, tokenizer, _ = train_pocket(world, PocketSettings(**SMALL), progress=False)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "cases.jsonl").write_text("\n".join(json.dumps(c.to_dict()) for c in world.cases[:4]) + "\n")
+    corpus = [s for f in world.facts for s in world.statements(f)]
+    (root / "corpus.txt").write_text("\n".join(corpus) + "\n")
+    return {"root": root, "world": world, "model": model, "tokenizer": tokenizer, "corpus": corpus}
+
+
+def test_eval_edits_a_saved_model_and_reports_before_and_after(small: dict[str, Any], tmp_path: Path) -> None:
+    root, out = small["root"], tmp_path / "eval.json"
+    argv = ["eval", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--format", "jsonl"]
+    argv += ["--method", "memit", "--corpus", str(root / "corpus.txt"), "--samples", "200", "--layers", "0"]
+    assert main([*argv, "--prefix-len", "2", "--json", str(out), "--no-progress"]) == 0
+    run = json.loads(out.read_text())
+    check_metrics(run["before"], edited=False)
+    check_metrics(run["results"]["memit"], edited=True)
+    assert len(run["config"]["prefixes"]) == 10 and run["config"]["prefix_len"] == 2
+
+
+def test_eval_applies_a_saved_edit_to_the_records_it_was_made_from(
+    small: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import eamet
+    from eamet.sandbox import edit_config
+
+    model, tokenizer, world = small["model"], small["tokenizer"], small["world"]
+    editor = eamet.Editor(
+        model, tokenizer, config=edit_config(model, "memit", layers=(0,)), corpus=small["corpus"]
+    )
+    result = editor.edit([c.rewrite for c in world.cases[:4]], progress=False)
+    result.undo()
+    result.save(tmp_path / "edit.safetensors")
+    root, out = small["root"], tmp_path / "eval.json"
+    argv = ["eval", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--format", "jsonl"]
+    assert (
+        main([*argv, "--edit", str(tmp_path / "edit.safetensors"), "--json", str(out), "--no-progress"]) == 0
+    )
+    run = json.loads(out.read_text())
+    after = run["results"]["memit"]
+    assert after["efficacy_strict"] > run["before"]["efficacy_strict"]
+    assert after["edit_seconds"] is None and after["misalignment_total"] >= 0.0
+    # Records the edit was not made from are refused, in one line.
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(world.cases[10].to_dict()) + "\n")
+    argv = ["eval", "--model", str(root / "model"), "--data", str(other), "--format", "jsonl"]
+    capsys.readouterr()
+    assert main([*argv, "--edit", str(tmp_path / "edit.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "not facts of" in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, "--edit", str(tmp_path / "edit.safetensors"), "--layers", "0"]) == 1
+    assert "--layers only apply with --method" in capsys.readouterr().err
+
+
+def test_a_failure_during_evaluation_leaves_the_model_unedited(
+    small: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eamet import evaluation
+    from eamet.runs import run_edits
+    from eamet.sandbox import edit_config
+
+    model, tokenizer, world = small["model"], small["tokenizer"], small["world"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    real = evaluation.evaluate
+    calls: list[int] = []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the evaluation after the edit
+            raise RuntimeError("evaluation failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", failing)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_edits(
+            model, tokenizer, list(world.cases[:3]), methods=["memit"],
+            config_for=lambda m, method: edit_config(m, method, layers=(0,)), corpus=small["corpus"],
+            prefix_len=0, seed=0, fluency=False, progress=False, log=lambda _: None,
+        )  # fmt: skip
+    assert len(calls) == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
