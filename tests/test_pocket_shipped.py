@@ -43,14 +43,18 @@ def test_the_shipped_model_reads_facts_at_the_subjects_last_token(
     assert min(trace.moved) >= 0.9, trace
 
 
-def test_memit_edits_the_shipped_model_at_small_n(
-    shipped: tuple[object, object, dict[str, object]], tmp_path: object, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("method", ["memit", "eamet"])
+def test_both_methods_edit_the_shipped_model_at_small_n(
+    method: str,
+    shipped: tuple[object, object, dict[str, object]],
+    tmp_path: object,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("EAMET_CACHE_DIR", str(tmp_path))
     model, tokenizer, _ = shipped
     world = default_world()
     cases = world.cases[:32]
-    editor = eamet.Editor(model, tokenizer, config=edit_config(model, "memit"), corpus=world_corpus(world))
+    editor = eamet.Editor(model, tokenizer, config=edit_config(model, method)  # type: ignore[arg-type], corpus=world_corpus(world))
     result = editor.edit([c.rewrite for c in cases], progress=False)
     try:
         scores = score_targets(

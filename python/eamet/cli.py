@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--edits",
         type=_positive_int,
-        help="facts to edit (default 512, the edited layers' d_ff; --quick: 32)",
+        help="facts to edit (default 256; --quick: 32)",
     )
     demo.add_argument(
         "--methods", type=_methods, default=("eamet", "memit"), help="comma-separated (default eamet,memit)"

@@ -34,7 +34,7 @@ RATE_KEYS = (
     "specificity_lenient",
 )
 QUICK_EDITS = 32
-DEFAULT_DEMO_EDITS = 512
+DEFAULT_DEMO_EDITS = 256
 
 
 def run_edits(
@@ -139,7 +139,7 @@ def run_demo(
     evaluated before editing, then edited with each method from the same unedited weights.
 
     Args:
-        edits: facts to edit (default 512, the edited layers' d_ff; ``quick``: 32).
+        edits: facts to edit (default 256, half the edited layers' d_ff; ``quick``: 32).
         data: a CounterFact JSON file (ROME or EasyEdit form) to build the world from instead.
         records: how many of its records to use (default all).
         arch: the pocket model's architecture, "llama" or "gpt2" (the shipped model is LLaMA).
