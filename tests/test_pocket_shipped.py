@@ -54,7 +54,8 @@ def test_both_methods_edit_the_shipped_model_at_small_n(
     model, tokenizer, _ = shipped
     world = default_world()
     cases = world.cases[:32]
-    editor = eamet.Editor(model, tokenizer, config=edit_config(model, method)  # type: ignore[arg-type], corpus=world_corpus(world))
+    config = edit_config(model, method)  # type: ignore[arg-type]
+    editor = eamet.Editor(model, tokenizer, config=config, corpus=world_corpus(world))
     result = editor.edit([c.rewrite for c in cases], progress=False)
     try:
         scores = score_targets(
