@@ -18,7 +18,7 @@ from eamet.evaluation import EvaluationReport, evaluate, evaluation_prefixes, ng
 from eamet.facts import Fact
 from eamet.records import EditCase, zsre_case
 from eamet.tokens import TokenAdapter
-from tiny import bpe_tokenizer, tiny_model
+from tiny import BigramModel, bpe_tokenizer, tiny_model
 
 VOCAB = 256
 PREFIXES = ["The capital. ", "In Rome, people speak Italian. "]
@@ -139,20 +139,6 @@ def test_every_metric_matches_a_prompt_by_prompt_computation(model: nn.Module, t
     assert list(generated.prefixes) == mine and len(mine) == 10
     for got, case in zip(generated.per_record, cases()[:2], strict=True):
         assert_rows_close(got, expected_record(model, tokens, case, mine))
-
-
-class BigramModel(nn.Module):
-    """A causal LM whose next-token logits depend only on the current token: ``table[input_ids]``."""
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.table = nn.Parameter(table.clone(), requires_grad=False)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-        class Out:
-            logits = self.table[input_ids]
-
-        return Out()
 
 
 def test_strict_and_lenient_side_by_side(tokens: TokenAdapter) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -12,23 +11,9 @@ from torch import nn
 from eamet.errors import ParameterError
 from eamet.evaluation import lenient_correct, score_targets
 from eamet.tokens import TokenAdapter
-from tiny import bpe_tokenizer, tiny_model
+from tiny import BigramModel, bpe_tokenizer, tiny_model
 
 VOCAB = 256
-
-
-class BigramModel(nn.Module):
-    """A causal LM whose next-token logits depend only on the current token: ``table[input_ids]``."""
-
-    def __init__(self, table: torch.Tensor) -> None:
-        super().__init__()
-        self.table = nn.Parameter(table.clone(), requires_grad=False)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
-        class Out:
-            logits = self.table[input_ids]
-
-        return Out()
 
 
 @pytest.fixture(scope="module")

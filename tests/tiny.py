@@ -86,6 +86,7 @@ from typing import Any
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
@@ -590,3 +591,17 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+class BigramModel(nn.Module):
+    """A causal LM whose next-token logits depend only on the current token: ``table[input_ids]``."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(table.clone(), requires_grad=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> Any:
+        class Out:
+            logits = self.table[input_ids]
+
+        return Out()
