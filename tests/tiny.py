@@ -589,10 +589,6 @@ def _main() -> None:
     print("\nall good")
 
 
-if __name__ == "__main__":
-    _main()
-
-
 class BigramModel(nn.Module):
     """A causal LM whose next-token logits depend only on the current token: ``table[input_ids]``."""
 
@@ -605,3 +601,7 @@ class BigramModel(nn.Module):
             logits = self.table[input_ids]
 
         return Out()
+
+
+if __name__ == "__main__":
+    _main()
