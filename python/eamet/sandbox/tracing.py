@@ -20,7 +20,6 @@ from torch import nn
 
 from eamet.arch import arch_for
 from eamet.errors import ParameterError
-from eamet.facts import fill
 from eamet.hooks import add_to_output, record_outputs
 from eamet.parts import ModelParts
 from eamet.sandbox.world import World
@@ -150,8 +149,3 @@ def describe(trace: SubjectTrace) -> str:
     """One line per tested block: ``block 1: moved 0.97, kept 0.01``."""
     rows = zip(trace.blocks, trace.moved, trace.kept, strict=True)
     return "\n".join(f"block {b}: moved {m:.2f}, kept {k:.2f}" for b, m, k in rows)
-
-
-def prompts_of(world: World, phrasing: int) -> list[str]:
-    """Every fact's prompt in the given phrasing (for inspection)."""
-    return [fill(world.relation(f.relation).phrasings[phrasing], f.subject) for f in world.facts]
