@@ -2,12 +2,15 @@
 
     python benches/bench_sandbox_sweep.py [--edits 64,256,1024,4096] [--prefix-lens 0,5,50]
         [--methods eamet,memit] [--data COUNTERFACT.json --records N] [--json OUT.json] [--plot OUT.png]
+        [--merge EARLIER.json ...]
 
 For each N, each method edits the first N edit cases into the same unedited pocket model (the shipped
 default-world model, or one trained on --data), which is then evaluated with every prefix length —
 prefixes generated once per length from the unedited model — and undone. Prints one row per
 (N, method, prefix length): strict and lenient efficacy / generalisation / specificity, misalignment total
-and edit seconds; the rows before editing come first.
+and edit seconds; the rows before editing come first. ``--merge`` adds the rows of earlier ``--json``
+outputs (a row measured now replaces an earlier one with the same N, method and prefix length), so a long
+sweep can be run in pieces and written and plotted as one.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the rows as JSON")
     parser.add_argument("--plot", help="write a PNG of strict metrics against N (needs matplotlib)")
+    parser.add_argument(
+        "--merge", action="append", default=[], help="an earlier --json output to include (repeatable)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
@@ -107,10 +113,33 @@ def main() -> None:
         f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{args.threads} threads"
     )
+    commands, rows = merged(args.merge, command, rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     if args.plot:
         plot(rows, args.plot, methods)
+
+
+def merged(
+    paths: list[str], command: str, rows: list[dict[str, Any]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The commands and rows of earlier outputs at ``paths`` followed by this run's; this run's rows win."""
+
+    def key(row: dict[str, Any]) -> tuple[int, str, int]:
+        return row["edits"], row["method"], row["prefix_len"]
+
+    commands: list[str] = []
+    by_key: dict[tuple[int, str, int], dict[str, Any]] = {}
+    for path in paths:
+        earlier = json.loads(Path(path).read_text())
+        commands += earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
+        by_key.update((key(row), row) for row in earlier["rows"])
+    by_key.update((key(row), row) for row in rows)
+    # Per N: the rows before editing first, then the methods in name order, each by prefix length.
+    ordered = sorted(
+        by_key.values(), key=lambda r: (r["edits"], r["method"] != "before", r["method"], r["prefix_len"])
+    )
+    return [*commands, command], ordered
 
 
 COLUMNS = ("edits", "method", "prefix_len", *RATE_KEYS, "misalignment_total", "edit_seconds")

@@ -67,6 +67,23 @@ def test_the_tokenizer_prepends_bos_and_keeps_objects_whole(world: World) -> Non
     assert tokenizer.convert_ids_to_tokens(ids[-1:]) == ["Ġ" + fact.object]
 
 
+def test_the_loss_skips_the_subject_and_a_known_pairs_prompt(world: World) -> None:
+    tokenizer = train_tokenizer(world)
+    fact = world.facts[0]
+    prompt = world.statements(fact)[0].removesuffix(" " + fact.object)
+    span = (prompt.index(fact.subject), prompt.index(fact.subject) + len(fact.subject))
+
+    def learned(example: Any) -> str:
+        # labels[i] is the token predicted at position i, i.e. ids[i + 1].
+        return tokenizer.decode([t for t in example.labels if t != -100])
+
+    statement = pocket._example(tokenizer, "", prompt, fact.object, span)
+    assert learned(statement) == prompt[: span[0]].rstrip() + prompt[span[1] :] + " " + fact.object
+    known = pocket._example(tokenizer, "Some filler text. ", prompt, fact.object, None)
+    assert learned(known) == " " + fact.object
+    assert len(known.labels) == len(known.ids) and known.labels[-1] == -100
+
+
 def test_gpt2_pocket_model_learns_too(world: World) -> None:
     settings = PocketSettings(**{**FAST.to_dict(), "arch": "gpt2"})
     model, _, report = train_pocket(world, settings, progress=False)
