@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from eamet._files import cache_dir
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import CacheError, CorpusError, MissingDependencyError
 from eamet.hooks import by_position, record_inputs, run_until
@@ -41,8 +42,7 @@ Corpus = str | os.PathLike[str] | Iterable[str]
 
 def default_cache_dir() -> Path:
     """``$EAMET_CACHE_DIR/stats``, else ``~/.cache/eamet/stats``."""
-    root = os.environ.get("EAMET_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "eamet") / "stats"
+    return cache_dir("stats")
 
 
 def load_corpus(corpus: Corpus, n_samples: int) -> tuple[str, list[str]]:

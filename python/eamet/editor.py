@@ -593,7 +593,11 @@ class Editor:
                     moments[layer], keys, cfg.mom2_update_weight[j], solver=cfg.solver, layer=layer
                 )
                 update = LayerUpdate(
-                    layer, parts.spec.rewrite_path(layer), residuals.float().cpu(), solved.float().cpu()
+                    layer,
+                    parts.spec.rewrite_path(layer),
+                    residuals.float().cpu(),
+                    solved.float().cpu(),
+                    keys=keys.float().cpu(),
                 )
                 update.measure_fit(keys)
                 apply_update(parts.rewrite_weight(layer), update, parts.spec.weight_layout)

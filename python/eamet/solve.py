@@ -26,6 +26,9 @@ class LayerUpdate:
         solved_keys: (N, d_ff) float32 CPU, U = K (λC + KKᵀ)⁻¹.
         fit_error: (N,) float32 CPU, ‖Δk_i − r_i‖ / ‖r_i‖ per fact: how far the solve is from giving each
             fact its residual at this layer (0 = exact; λC pulls it away). Empty if not computed.
+        keys: (N, d_ff) float32 CPU, the keys K the layer was solved for (on the model as edited up to
+            the layers before this one); ``None`` for an update read from a file (not saved: they are
+            recomputed from the model and the facts).
     """
 
     layer: int
@@ -33,6 +36,7 @@ class LayerUpdate:
     residuals: torch.Tensor
     solved_keys: torch.Tensor
     fit_error: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    keys: torch.Tensor | None = field(default=None, repr=False)
 
     def measure_fit(self, keys: torch.Tensor) -> None:
         """Fills :attr:`fit_error` from this layer's (N, d_ff) keys."""

@@ -15,10 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,6 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from eamet._files import cache_dir as cache_dir_for
+from eamet._files import read_checked_dir, write_checked_dir
 from eamet.batching import pad_right
 from eamet.errors import CacheError, ParameterError
 from eamet.evaluation import score_targets
@@ -440,19 +439,6 @@ def shipped_model_dir() -> Path:
     return Path(__file__).with_name("data") / "pocket-default"
 
 
-def _default_cache_dir() -> Path:
-    root = os.environ.get("EAMET_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "eamet") / "pocket"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_pocket(
     directory: str | Path,
     model: nn.Module,
@@ -462,37 +448,19 @@ def save_pocket(
     report: TrainingReport,
 ) -> Path:
     """Writes model (safetensors), tokenizer and a manifest (key, settings, report, SHA-256 of every file)
-    into ``directory`` atomically: a temporary sibling directory renamed into place."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    into ``directory`` atomically (:func:`eamet._files.write_checked_dir`)."""
+
+    def fill(staging: Path) -> dict[str, Any]:
         model.save_pretrained(staging)  # type: ignore[operator]
         tokenizer.save_pretrained(staging)
-        files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
-        manifest = {
+        return {
             "key": settings.key(world),
             "world_fingerprint": world.fingerprint(),
             "settings": settings.to_dict(),
             "training": report.to_dict(),
-            "files": files,
         }
-        (staging / _MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        staging.chmod(0o755)
-        # Never a moment without an entry: the old one is renamed aside, the new one renamed in, the old
-        # one removed. If another process put an entry in place meanwhile, it is kept.
-        old = target.with_name(f".{target.name}-old-{os.getpid()}")
-        if target.exists():
-            target.replace(old)
-        try:
-            staging.replace(target)
-        except OSError:
-            if not target.exists():
-                raise
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return write_checked_dir(directory, fill, _MANIFEST)
 
 
 def load_pocket(
@@ -503,23 +471,12 @@ def load_pocket(
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     directory = Path(directory)
-    manifest_path = directory / _MANIFEST
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = dict(manifest["files"])
-        absent = [name for name in _REQUIRED_FILES if name not in files]
-        if absent:
-            raise ValueError(f"lists no {', '.join(absent)}")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CacheError(
-            f"{manifest_path}: not a pocket-model manifest ({exc})", path=str(manifest_path)
-        ) from None
-    if expect_key is not None and manifest.get("key") != expect_key:
-        raise CacheError(f"{directory}: made for another world or settings", path=str(directory))
-    for name, digest in files.items():
-        path = directory / name
-        if not path.is_file() or _sha256(path) != digest:
-            raise CacheError(f"{path}: missing or does not match its recorded SHA-256", path=str(path))
+
+    def check_key(manifest: dict[str, Any]) -> None:
+        if expect_key is not None and manifest.get("key") != expect_key:
+            raise CacheError(f"{directory}: made for another world or settings", path=str(directory))
+
+    manifest = read_checked_dir(directory, _MANIFEST, _REQUIRED_FILES, check_key)
     model = AutoModelForCausalLM.from_pretrained(directory)
     model.eval()  # type: ignore[no-untyped-call]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
@@ -556,7 +513,7 @@ def pocket_model(
         ):
             model, tokenizer, _ = load_pocket(shipped)
             return model, tokenizer
-    directory = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    directory = cache_dir_for("pocket", cache_dir)
     entry = directory / key
     if (entry / _MANIFEST).is_file():
         try:
