@@ -401,3 +401,85 @@ def test_registered_layout_only_adopts_an_entry_with_the_same_paths() -> None:
     other = ArchSpec("transformer.h", "mlp.c_fc", "transformer.ln_f", "lm_head")
     assert registered_layout(other, gpt2) == other
     assert registered_layout(from_hparams, model_of("gpt_neo")).weight_layout == "out_in"
+
+
+# -- model_dims and spec_from_paths -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "falcon", "opt", "gpt_neox", "phi"])
+def test_model_dims_reads_every_familys_names(family: str) -> None:
+    from eamet.arch import model_dims
+
+    model = tiny_model(family)
+    dims = model_dims(model)
+    parts = ModelParts(model)
+    assert dims.num_layers == parts.num_layers
+    assert (dims.hidden, dims.ffn) == (parts.hidden_dim(0), parts.key_dim(0))
+    assert dims.max_positions is not None and dims.max_positions > 0
+    assert model_dims(model.config) == dims  # a config works as well as its model
+
+
+def test_model_dims_defaults_and_errors() -> None:
+    from types import SimpleNamespace
+
+    from eamet.arch import model_dims
+
+    gpt2_like = SimpleNamespace(n_layer=3, n_embd=16, n_inner=None, n_positions=64)
+    assert model_dims(gpt2_like) == model_dims(
+        SimpleNamespace(n_layer=3, n_embd=16, n_inner=64, n_positions=64)
+    )
+    assert model_dims(SimpleNamespace(num_layers=2, d_model=8, ffn_dim=32)).max_positions is None
+    with pytest.raises(ParameterError, match="num_hidden_layers"):
+        model_dims(SimpleNamespace(hidden_size=8))
+
+
+def test_spec_from_paths_takes_what_a_hparams_file_leaves_out_from_the_registry() -> None:
+    from eamet.arch import spec_from_paths
+
+    llama = spec_from_paths("model.layers", "mlp.down_proj")
+    assert (llama.final_norm, llama.unembed, llama.weight_layout) == ("model.norm", "lm_head", "out_in")
+    # GPT-2 and GPT-Neo share their paths but not their layout: the layout stays for the model to settle.
+    gpt = spec_from_paths("transformer.h", "mlp.c_proj")
+    assert gpt.final_norm == "transformer.ln_f" and gpt.weight_layout == "out_in"
+    custom = spec_from_paths("net.blocks", "ff.out", "net.norm", "head")
+    assert custom == ArchSpec("net.blocks", "ff.out", "net.norm", "head")
+    with pytest.raises(ParameterError, match="ln_f_module"):
+        spec_from_paths("net.blocks", "ff.out")
+
+
+# -- WeightSnapshot and eval_mode ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("x"), KeyboardInterrupt()], ids=lambda e: type(e).__name__)
+def test_weight_snapshot_restores_on_error_and_keeps_changes_otherwise(exc: BaseException) -> None:
+    from eamet.parts import WeightSnapshot
+
+    model = tiny_model("llama")
+    parts = ModelParts(model)
+    original = parts.rewrite_weight(1).detach().clone()
+    with pytest.raises(type(exc)), WeightSnapshot(parts, [1]), torch.no_grad():
+        parts.rewrite_weight(1).add_(1.0)
+        raise exc
+    assert torch.equal(parts.rewrite_weight(1), original)
+    with WeightSnapshot(parts, [1]) as snapshot, torch.no_grad():
+        parts.rewrite_weight(1).add_(1.0)
+    assert not torch.equal(parts.rewrite_weight(1), original)
+    snapshot.restore()
+    assert torch.equal(parts.rewrite_weight(1), original)
+
+
+def test_eval_mode_restores_mode_and_flags() -> None:
+    from eamet.parts import eval_mode
+
+    model = tiny_model("gpt2")
+    model.train()
+    params = list(model.parameters())
+    params[0].requires_grad_(False)
+    flags = [p.requires_grad for p in params]
+    with pytest.raises(RuntimeError), eval_mode(model, frozen=True):
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError
+    assert model.training and [p.requires_grad for p in params] == flags
+    with eval_mode(model):
+        assert not model.training and [p.requires_grad for p in params] == flags
+    assert model.training

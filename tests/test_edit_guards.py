@@ -12,8 +12,9 @@ import torch
 
 import eamet.editor as editor_module
 from eamet import EditConfig
+from eamet.checkpoint import ResidualCheckpoint as _Checkpoint
 from eamet.covariance import CovarianceCollector, model_fingerprint, model_source
-from eamet.editor import _Checkpoint, _same_device
+from eamet.editor import _same_device
 from eamet.errors import CacheError, FactError, ParameterError, SolveError
 from eamet.parts import ModelParts
 from eamet.solve import LayerUpdate, apply_update, solve_layer

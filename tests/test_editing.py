@@ -26,6 +26,7 @@ from torch import nn
 
 import eamet
 import eamet.editor as editor_module
+import eamet.results as results_module
 from eamet import EditConfig, Fact
 from eamet.editor import Editor, EditResult
 from eamet.errors import (
@@ -390,7 +391,9 @@ def test_apply_failure_changes_nothing(saved_gpt2_edit: Path, monkeypatch: pytes
     before = snapshot(model)
     seen: list[Any] = []
     monkeypatch.setattr(
-        editor_module, "apply_update", _fail_on_call(editor_module.apply_update, 2, KeyboardInterrupt(), seen)
+        results_module,
+        "apply_update",
+        _fail_on_call(results_module.apply_update, 2, KeyboardInterrupt(), seen),
     )
     with pytest.raises(KeyboardInterrupt):
         loaded.apply(model)
@@ -435,9 +438,9 @@ def test_resume_after_kill_matches_uninterrupted_run(
     calls: list[int] = []
     real = ResidualOptimizer.optimize
 
-    def counting(self: ResidualOptimizer, i: int, saved: torch.Tensor) -> Any:
-        calls.append(i)
-        return real(self, i, saved)
+    def counting(self: ResidualOptimizer, facts: range, saved: torch.Tensor) -> Any:
+        calls.extend(facts)
+        return real(self, facts, saved)
 
     monkeypatch.setattr(ResidualOptimizer, "optimize", counting)
     model = small_model("gpt2")

@@ -1,4 +1,8 @@
-"""Progress bars for long kernels: a tqdm bar fed by the core's ``(done, total)`` callback."""
+"""Progress bars: every bar eamet shows is made here (tqdm), so they all look and behave alike.
+
+:func:`progress_bar` is a bar over work the caller counts; :func:`progress_callback` is a bar fed by the
+Rust core's ``(done, total)`` callback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["progress_callback"]
+__all__ = ["progress_bar", "progress_callback"]
 
 
 @contextmanager
@@ -38,3 +42,31 @@ def progress_callback(
     finally:
         for bar in bars:
             bar.close()
+
+
+class _NoBar:
+    """What :func:`progress_bar` yields when disabled: the calls a bar takes, doing nothing."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@contextmanager
+def progress_bar(
+    *, total: int | None, desc: str, unit: str, enabled: bool = True, leave: bool = True
+) -> Iterator[Any]:
+    """A tqdm bar over ``total`` units (``update(n)``, ``set_postfix(...)``), closed on exit; a do-nothing
+    stand-in when ``enabled`` is false."""
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=leave)
+    try:
+        yield bar
+    finally:
+        bar.close()

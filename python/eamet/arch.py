@@ -15,12 +15,22 @@ Add a family with :func:`register_arch`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 from eamet.errors import ParameterError, UnsupportedArchitectureError
 
-__all__ = ["ArchSpec", "arch_for", "known_architectures", "register_arch", "registered_layout"]
+__all__ = [
+    "ArchSpec",
+    "ModelDims",
+    "arch_for",
+    "known_architectures",
+    "model_dims",
+    "register_arch",
+    "registered_layout",
+    "spec_from_paths",
+]
 
 WeightLayout = Literal["out_in", "in_out"]
 
@@ -118,3 +128,83 @@ def registered_layout(spec: ArchSpec, model_or_config: Any) -> ArchSpec:
     if replace(spec, weight_layout=registered.weight_layout) == registered:
         return registered
     return spec
+
+
+def spec_from_paths(
+    blocks: str, rewrite: str, final_norm: str | None = None, unembed: str | None = None
+) -> ArchSpec:
+    """An ``ArchSpec`` from module paths, as reference hparams files give them (``layer_module_tmp`` minus
+    ``.{}``, the rewrite path within a block, ``ln_f_module``, ``lm_head_module``).
+
+    A final norm or unembedding the caller leaves out comes from the registered families with the same
+    ``blocks`` and ``rewrite`` paths (when they agree on it). The weight layout is left at ``"out_in"``:
+    those files never state it, and families with the same paths can differ (GPT-2's Conv1D and GPT-Neo's
+    Linear); :func:`registered_layout` settles it against the model. Raises ``ParameterError`` if a path is
+    missing and the registry cannot supply it.
+    """
+    known = [spec for spec in _REGISTRY.values() if (spec.blocks, spec.rewrite) == (blocks, rewrite)]
+    norms = {spec.final_norm for spec in known}
+    heads = {spec.unembed for spec in known}
+    if final_norm is None and len(norms) == 1:
+        final_norm = norms.pop()
+    if unembed is None and len(heads) == 1:
+        unembed = heads.pop()
+    if final_norm is None or unembed is None:
+        raise ParameterError(
+            f"no registered architecture tells the final norm and unembedding of blocks {blocks!r} with "
+            f"rewrite module {rewrite!r}; give their paths (ln_f_module, lm_head_module) too"
+        )
+    return ArchSpec(blocks, rewrite, final_norm, unembed)
+
+
+# -- sizes from a Hugging Face config ----------------------------------------------------------------------
+
+# Each family names its sizes its own way; the first name present wins.
+_LAYERS = ("num_hidden_layers", "n_layer", "num_layers")
+_HIDDEN = ("hidden_size", "n_embd", "d_model")
+_FFN = ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size")
+_POSITIONS = ("max_position_embeddings", "n_positions")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of a causal LM that editing settings depend on, read from its config.
+
+    Attributes:
+        num_layers: transformer blocks; hidden: d, the residual stream width; ffn: d_ff, the MLP width (the
+            key dimension); max_positions: the longest sequence, or ``None`` when the config does not say.
+    """
+
+    num_layers: int
+    hidden: int
+    ffn: int
+    max_positions: int | None
+
+
+def model_dims(model_or_config: Any) -> ModelDims:
+    """:class:`ModelDims` of a model or its config, whatever names its family uses (torch-free).
+
+    The MLP width defaults to 4 × hidden where the config leaves it unset (GPT-2's ``n_inner=None``).
+    Raises ``ParameterError`` when the number of blocks or the hidden size cannot be found.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    hidden = _int_attr(config, _HIDDEN)
+    ffn = _int_attr(config, _FFN, required=False)
+    num_layers = _int_attr(config, _LAYERS)
+    assert hidden is not None and num_layers is not None
+    return ModelDims(
+        num_layers=num_layers,
+        hidden=hidden,
+        ffn=ffn if ffn is not None else 4 * hidden,
+        max_positions=_int_attr(config, _POSITIONS, required=False),
+    )
+
+
+def _int_attr(config: Any, names: Sequence[str], *, required: bool = True) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    if required:
+        raise ParameterError(f"the model config has none of {', '.join(names)}")
+    return None

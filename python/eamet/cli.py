@@ -11,13 +11,16 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from eamet import _core
+from eamet.choices import BosPolicy, PocketArch, ZDtype
+from eamet.config import METHODS
 from eamet.diagnostics import DEFAULT_TAU, DEFAULT_TOP_M, MisalignmentReport, misalignment
 from eamet.errors import EametError
+from eamet.records import DATASET_KINDS
 
 __all__ = ["main"]
 
@@ -138,7 +141,31 @@ def _edit_config(args: argparse.Namespace, model: Any) -> Any:
         changes["mom2_n_samples"] = args.samples
     if args.seed is not None:
         changes["seed"] = args.seed
+    changes.update(_speed_changes(args))
     return config.replace(**changes) if changes else config
+
+
+def _speed_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The residual-step settings given on the command line (``--fact-batch``, ``--z-dtype``)."""
+    changes: dict[str, Any] = {}
+    if args.fact_batch is not None:
+        changes["fact_batch"] = args.fact_batch
+    if args.z_dtype is not None:
+        changes["z_dtype"] = args.z_dtype
+    return changes
+
+
+def _speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fact-batch",
+        type=_positive_int,
+        help="facts optimised together in the residual step (default: from the config, 1 = serial)",
+    )
+    parser.add_argument(
+        "--z-dtype",
+        choices=get_args(ZDtype),
+        help="compute dtype of the residual step (default: from the config, 'auto')",
+    )
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
@@ -197,9 +224,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 def _methods(text: str) -> tuple[str, ...]:
     methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    bad = [m for m in methods if m not in ("eamet", "memit")]
+    bad = [m for m in methods if m not in METHODS]
     if not methods or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of eamet, memit; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(METHODS)}; got {text!r}"
+        )
     return methods
 
 
@@ -228,6 +257,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         arch=args.arch,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        overrides=_speed_changes(args),
     )
     _print_run(run, args.json)
     return 0
@@ -236,7 +266,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from eamet.loading import load_model
     from eamet.records import load_dataset
-    from eamet.runs import run_edits
+    from eamet.runs import compare_edits, run_edits
 
     cases = load_dataset(args.format, args.data, limit=args.n)  # before the (slow) model load
     if args.edit:
@@ -244,7 +274,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         ignored = [
             f"--{n.replace('_', '-')}"
-            for n in ("preset", "config", "layers", "corpus", "samples")
+            for n in ("preset", "config", "layers", "corpus", "samples", "fact_batch", "z_dtype")
             if getattr(args, n) is not None
         ]
         if ignored:
@@ -262,53 +292,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                 f"{args.edit}; evaluate the records the edit was made from (--n to select the first N)"
             )
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    common: dict[str, Any] = {
+        "prefix_len": args.prefix_len,
+        "seed": args.seed,
+        "fluency": True,
+        "progress": not args.no_progress,
+        "log": print,
+        "extra_config": {"model": args.model, "data": args.data, "format": args.format},
+    }
     if args.edit:
-        from eamet.evaluation import evaluate, evaluation_prefixes
-        from eamet.tokens import TokenAdapter
-
-        prefixes = evaluation_prefixes(model, TokenAdapter(tokenizer), args.prefix_len, seed=args.seed)
-        progress = not args.no_progress
-        before = evaluate(
-            model, tokenizer, cases, prefixes=prefixes, prefix_len=args.prefix_len, progress=progress
-        ).metrics()
-        edit.apply(model)
-        after = evaluate(
-            model, tokenizer, cases, prefixes=prefixes, prefix_len=args.prefix_len, progress=progress
-        ).metrics()
         # The edit was made elsewhere: its misalignment is in the file, its time is not.
-        report = edit.misalignment
-        after["misalignment_total"] = float(report.total) if report is not None else None
-        after["edit_seconds"] = None
-        run: dict[str, Any] = {
-            "config": {
-                "model": args.model,
-                "data": args.data,
-                "edit": args.edit,
-                "records": len(cases),
-                "prefix_len": args.prefix_len,
-                "prefixes": prefixes,
-                "seed": args.seed,
-            },
-            "before": before,
-            "results": {edit.config.method: after},
-        }
+        common["extra_config"]["edit"] = args.edit
+        run = compare_edits(
+            model, tokenizer, cases, [(edit.config.method, lambda: (edit.apply(model), None))], **common
+        )
     else:
-        methods = args.method or ()
         run = run_edits(
             model,
             tokenizer,
             cases,
-            methods=methods,
+            methods=args.method or (),
             config_for=lambda m, method: _edit_config(
                 argparse.Namespace(**{**vars(args), "method": method}), m
             ).replace(method=method),  # a --config file's own method must not win over --method
             corpus=args.corpus,
-            prefix_len=args.prefix_len,
-            seed=args.seed,
-            fluency=True,
-            progress=not args.no_progress,
-            log=print,
-            extra_config={"model": args.model, "data": args.data, "format": args.format},
+            **common,
         )
     _print_run(run, args.json)
     return 0
@@ -379,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(edit)
     edit.add_argument("--facts", required=True, help="facts, one JSON record per line (or a .json list)")
     edit.add_argument("--out", required=True, help="where to write the edit (.safetensors)")
-    edit.add_argument("--method", choices=("eamet", "memit"), default="eamet", help="(default %(default)s)")
+    edit.add_argument("--method", choices=METHODS, default=METHODS[0], help="(default %(default)s)")
     choice = edit.add_mutually_exclusive_group()
     choice.add_argument(
         "--preset", help="reference settings of a model, e.g. llama2-7b (see EditConfig.preset)"
@@ -393,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--cache-dir", help="statistics cache (default ~/.cache/eamet/stats)")
     edit.add_argument("--checkpoint-dir", help="save each fact's residual here; a rerun resumes")
     edit.add_argument("--seed", type=int, help="seed of the context templates (default: from the config)")
+    _speed_options(edit)
     edit.set_defaults(run=_cmd_edit)
 
     stats = commands.add_parser(
@@ -412,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument(
         "--stats-dtype", choices=("float32", "float64"), default="float32", help="product precision"
     )
-    stats.add_argument("--bos", choices=("native", "always", "never"), default="native", help="BOS policy")
+    stats.add_argument("--bos", choices=get_args(BosPolicy), default="native", help="BOS policy")
     stats.add_argument("--out", help="cache directory (default ~/.cache/eamet/stats)")
     stats.set_defaults(run=_cmd_stats)
 
@@ -431,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="facts to edit (default 256; --quick: 32)",
     )
     demo.add_argument(
-        "--methods", type=_methods, default=("eamet", "memit"), help="comma-separated (default eamet,memit)"
+        "--methods", type=_methods, default=METHODS, help=f"comma-separated (default {','.join(METHODS)})"
     )
     demo.add_argument(
         "--data", help="a CounterFact JSON file (ROME or EasyEdit form) to build the world from"
@@ -443,11 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-len", type=_non_negative_int, default=0, help="evaluation prefix tokens (default 0)"
     )
     demo.add_argument(
-        "--arch", choices=("llama", "gpt2"), default="llama", help="pocket model (default llama)"
+        "--arch", choices=get_args(PocketArch), default="llama", help="pocket model (default %(default)s)"
     )
     demo.add_argument(
         "--cache-dir", help="where trained pocket models are cached (default ~/.cache/eamet/pocket)"
     )
+    _speed_options(demo)
     demo.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(run=_cmd_demo)
@@ -463,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(evaluate)
     evaluate.add_argument("--data", required=True, help="the dataset file")
-    evaluate.add_argument("--format", choices=("counterfact", "zsre", "jsonl"), required=True)
+    evaluate.add_argument("--format", choices=DATASET_KINDS, required=True)
     how = evaluate.add_mutually_exclusive_group(required=True)
     how.add_argument("--edit", metavar="EDIT.safetensors", help="a saved edit to apply (eamet edit --out)")
     how.add_argument("--method", type=_methods, help="edit the records first: eamet, memit or eamet,memit")
@@ -478,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--layers", type=_layers, help="edited blocks (default: from the config)")
     evaluate.add_argument("--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path or hf:<dataset>")
     evaluate.add_argument("--samples", type=_positive_int, help="corpus documents for C")
+    _speed_options(evaluate)
     evaluate.set_defaults(run=_cmd_eval)
     return parser
 

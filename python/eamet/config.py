@@ -25,23 +25,30 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
-from eamet.arch import ArchSpec, arch_for
+from eamet.arch import ArchSpec, arch_for, model_dims, spec_from_paths
+from eamet.choices import (
+    BatchAlignment,
+    BosPolicy,
+    Clamp,
+    DeltaInit,
+    FactToken,
+    KlAnchor,
+    Method,
+    NormPenalty,
+    Solver,
+    StatsDType,
+    TeacherForcing,
+    ZDtype,
+    ZForward,
+)
 from eamet.errors import ParameterError
 
-__all__ = ["PRESETS", "TEMPLATE_SEEDS", "EditConfig", "Method", "Preset"]
+__all__ = ["METHODS", "PRESETS", "TEMPLATE_SEEDS", "EditConfig", "Method", "Preset"]
 
-Method = Literal["eamet", "memit"]
-FactToken = Literal["subject_last", "subject_first", "subject_first_after_last"]
-DeltaInit = Literal["target_init", "zero"]
-Clamp = Literal["key_norm", "hidden_norm", "none"]
-NormPenalty = Literal["none", "fix_ks", "norm", "squared_norm"]
-KlAnchor = Literal["initial_delta", "unedited"]
-BosPolicy = Literal["native", "always", "never"]
-Solver = Literal["cholesky", "inverse"]
-StatsDType = Literal["float32", "float64"]
-TeacherForcing = Literal["ids", "string"]
+METHODS: tuple[Method, ...] = get_args(Method)
+
 
 # algorithm.md §2: the reference's 12 seed words ("Because" twice, kept for fidelity).
 TEMPLATE_SEEDS: tuple[str, ...] = (
@@ -111,6 +118,30 @@ class EditConfig:
     prefix, scored at the last T positions (the reference; differs where tokens merge across the seam).
     """
 
+    # Speed of the residual step (eamet's own; the reference runs facts one by one in float32).
+    fact_batch: int = 1
+    """Facts optimised together, B: one padded forward for B facts, one residual row each, each fact's
+    loss, early stop and ball on its own (Adam is element-wise, so with MEMIT every residual is what it
+    would be alone). 1 is the reference's serial order. With EAMET, a fact aligns against the saved
+    residuals of earlier batches and, inside its batch, as ``batch_alignment`` says (docs/editing.md)."""
+    batch_alignment: BatchAlignment = "current"
+    """EAMET, fact_batch > 1: what fact i aligns against among the earlier facts of its own batch:
+    ``none``; ``current`` (their current iterates, detached); ``second_pass`` (their results of a first
+    pass over the batch; twice the work)."""
+    z_dtype: ZDtype = "auto"
+    """Compute dtype of the residual step's forward and backward (autocast); δ, the losses and Adam stay
+    float32. ``auto``: bfloat16 on CUDA devices that support it and on CPUs with AMX tiles, else float32
+    (docs/benchmarks.md has the measurements behind the rule)."""
+    z_forward: ZForward = "fast"
+    """``fast``: run the blocks up to the edited one once per batch and start every iteration from their
+    output, and compute logits only where a target or the essence prompt is scored (exact: checked against
+    ``full`` on the first batch of every edit, falling back to it with a warning if they differ);
+    ``full``: the whole model and every position's logits at every iteration, as the reference."""
+    z_chunk_tokens: int | None = None
+    """At most this many padded tokens per forward in the residual step (bounds its memory); a larger
+    batch runs as several forwards whose gradients add up, which changes nothing but the peak. None: one
+    forward per iteration."""
+
     # Context templates (§2).
     template_seeds: tuple[str, ...] = TEMPLATE_SEEDS
     template_length: int = 10
@@ -152,6 +183,9 @@ class EditConfig:
         _check_choice(self, "solver", Solver)
         _check_choice(self, "mom2_dtype", StatsDType)
         _check_choice(self, "teacher_forcing", TeacherForcing)
+        _check_choice(self, "batch_alignment", BatchAlignment)
+        _check_choice(self, "z_dtype", ZDtype)
+        _check_choice(self, "z_forward", ZForward)
         layers = tuple(self.layers)
         if not layers or any(not isinstance(x, int) or isinstance(x, bool) or x < 0 for x in layers):
             raise ParameterError(f"layers must be non-negative ints, got {self.layers!r}", argument="layers")
@@ -174,8 +208,17 @@ class EditConfig:
                 argument="template_seeds",
             )
         object.__setattr__(self, "template_seeds", tuple(seeds))
-        for name in ("v_num_grad_steps", "top_m", "key_batch_size", "mom2_n_samples", "mom2_max_length"):
+        for name in (
+            "v_num_grad_steps",
+            "top_m",
+            "key_batch_size",
+            "mom2_n_samples",
+            "mom2_max_length",
+            "fact_batch",
+        ):
             _check_int(self, name, minimum=1)
+        if self.z_chunk_tokens is not None:
+            _check_int(self, "z_chunk_tokens", minimum=1)
         _check_int(self, "template_length", minimum=0)
         _check_int(self, "early_stop_from", minimum=0)
         for name in ("v_lr", "tau", "eps", "template_temperature", "target_init_max_norm"):
@@ -239,22 +282,17 @@ class EditConfig:
         """
         _check_method(method)
         arch_for(model)  # raises UnsupportedArchitectureError early
-        config = model.config
-        n_layers = _first_attr(config, ("num_hidden_layers", "n_layer", "num_layers"))
-        d_ff = _first_attr(config, ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"), None)
-        hidden = _first_attr(config, ("hidden_size", "n_embd", "d_model"))
-        if d_ff is None:
-            d_ff = 4 * hidden
+        dims = model_dims(model)
+        n_layers = dims.num_layers
         last = min(max(1, round(n_layers / 8)), max(0, n_layers - 2))
         layers = (last,) if last == 0 or n_layers < 4 else (last - 1, last)
         base = cls.for_method(method).mom2_update_weight[0]
-        lam = round(base * d_ff / 11008, 1)
-        max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        lam = round(base * dims.ffn / 11008, 1)
         # One λ per edited layer, also when ``layers`` is overridden alone.
         n_edited = len(overrides.get("layers", layers))
         values: dict[str, Any] = {"layers": layers, "mom2_update_weight": (lam,) * n_edited}
-        if isinstance(max_pos, int):
-            values["mom2_max_length"] = min(1024, max_pos)
+        if dims.max_positions is not None:
+            values["mom2_max_length"] = min(1024, dims.max_positions)
         return cls.for_method(method, **{**values, **overrides})
 
     def replace(self, **changes: Any) -> EditConfig:
@@ -391,14 +429,11 @@ def _from_reference(data: Mapping[str, Any]) -> EditConfig:
 
 def _spec_from_templates(layer_tmp: str, rewrite_tmp: str, data: Mapping[str, Any]) -> ArchSpec:
     # "model.layers.{}" + "model.layers.{}.mlp.down_proj" -> blocks "model.layers", rewrite "mlp.down_proj".
-    prefix = layer_tmp.split("{}")[0].rstrip(".")
     if not layer_tmp.endswith("{}") or not rewrite_tmp.startswith(layer_tmp + "."):
         raise ParameterError(f"cannot read module templates {layer_tmp!r} / {rewrite_tmp!r}")
-    final_norm = data.get("ln_f_module", "model.norm")
-    unembed = data.get("lm_head_module", "lm_head")
-    # The reference's templates never say the layout; Editor takes it from the registry entry with the
-    # same paths (arch.registered_layout), which is how GPT-2's Conv1D is found.
-    return ArchSpec(prefix, rewrite_tmp[len(layer_tmp) + 1 :], final_norm, unembed)
+    blocks = layer_tmp.split("{}")[0].rstrip(".")
+    rewrite = rewrite_tmp[len(layer_tmp) + 1 :]
+    return spec_from_paths(blocks, rewrite, data.get("ln_f_module"), data.get("lm_head_module"))
 
 
 _REFERENCE_UNUSED = {
@@ -412,7 +447,7 @@ _REFERENCE_UNUSED = {
     "context_template_length_params",
 }
 
-_METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+_METHOD_DEFAULTS: dict[Method, dict[str, Any]] = {
     "eamet": {"method": "eamet"},
     "memit": {
         "method": "memit",
@@ -495,8 +530,10 @@ _PRESET_ALIASES = {
 
 
 def _check_method(method: str) -> None:
-    if method not in _METHOD_DEFAULTS:
-        raise ParameterError(f"method must be 'eamet' or 'memit', got {method!r}", argument="method")
+    if method not in METHODS:
+        raise ParameterError(
+            f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}", argument="method"
+        )
 
 
 def _check_choice(config: EditConfig, name: str, kind: Any) -> None:
@@ -520,13 +557,3 @@ def _check_float(config: EditConfig, name: str, *, positive: bool) -> None:
     if not ok or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
         raise ParameterError(f"{name} must be a finite number {bound}, got {value!r}", argument=name)
-
-
-def _first_attr(config: Any, names: Sequence[str], default: Any = ...) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    if default is ...:
-        raise ParameterError(f"model config has none of {', '.join(names)}")
-    return default

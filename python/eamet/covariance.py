@@ -23,14 +23,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from eamet._files import cache_dir
+from eamet._progress import progress_bar
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import CacheError, CorpusError, MissingDependencyError
 from eamet.hooks import by_position, record_inputs, run_until
 from eamet.moments import SecondMoment
-from eamet.parts import ModelParts
+from eamet.parts import ModelParts, eval_mode
 from eamet.solve import solve_device
 from eamet.tokens import TokenAdapter
 
@@ -278,33 +278,32 @@ class CovarianceCollector:
         store: dict[Any, torch.Tensor] = {}
         pending: Future[None] | None = None
         stop_at = self.parts.block(max(layers))
-        bar = tqdm(
-            total=sum(lengths), desc=f"C = E[kkᵀ] layers {layers}", unit="tok", disable=not self.progress
+        bar = progress_bar(
+            total=sum(lengths), desc=f"C = E[kkᵀ] layers {layers}", unit="tok", enabled=self.progress
         )
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with ThreadPoolExecutor(max_workers=1) as pool, record_inputs(modules, store):
-                for batch in length_sorted_batches(lengths, max_items=1 << 16, max_tokens=self.batch_tokens):
-                    inputs = pad_right([docs[i] for i in batch], self.tokens.pad_id, device)
-                    run_until(self.model, stop_at, **inputs)
-                    mask = inputs["attention_mask"].bool()
-                    rows = {layer: by_position(store[layer], *mask.shape)[mask].to(cast) for layer in layers}
-                    if on_device:
-                        for layer, x in rows.items():
-                            sums[layer] += (x.T @ x).to(torch.float64)
-                    else:
-                        if pending is not None:
-                            pending.result()
-                        host = {k: v.cpu().numpy() for k, v in rows.items()}
-                        pending = pool.submit(_update_all, accs, host)
-                    count += int(mask.sum())
-                    bar.update(int(mask.sum()))
-                if pending is not None:
-                    pending.result()
-        finally:
-            bar.close()
-            self.model.train(was_training)
+        with (
+            bar as shown,
+            eval_mode(self.model),
+            ThreadPoolExecutor(max_workers=1) as pool,
+            record_inputs(modules, store),
+        ):
+            for batch in length_sorted_batches(lengths, max_items=1 << 16, max_tokens=self.batch_tokens):
+                inputs = pad_right([docs[i] for i in batch], self.tokens.pad_id, device)
+                run_until(self.model, stop_at, **inputs)
+                mask = inputs["attention_mask"].bool()
+                rows = {layer: by_position(store[layer], *mask.shape)[mask].to(cast) for layer in layers}
+                if on_device:
+                    for layer, x in rows.items():
+                        sums[layer] += (x.T @ x).to(torch.float64)
+                else:
+                    if pending is not None:
+                        pending.result()
+                    host = {k: v.cpu().numpy() for k, v in rows.items()}
+                    pending = pool.submit(_update_all, accs, host)
+                count += int(mask.sum())
+                shown.update(int(mask.sum()))
+            if pending is not None:
+                pending.result()
         if on_device:
             accs = {
                 layer: SecondMoment.from_sum(sums[layer].cpu().numpy(), count, input_dtype=self.dtype)

@@ -1,14 +1,15 @@
-"""``Editor`` and ``EditResult``: change many facts of a causal LM at once, all-or-nothing, undoable.
+"""``Editor``: edits many facts of a causal LM at once, all-or-nothing, and returns an undoable result.
 
-One edit (algorithm.md, end to end):
+One edit (docs/editing.md, algorithm.md end to end):
 
 1. check the facts; sample the context templates from the unedited model (seeded);
 2. C = E[k kᵀ] for every edited layer (cached), on the unedited model;
-3. keys and their neighbourhoods at the last edited layer l*, from the unedited model;
-4. a residual δ_i per fact, in order (checkpointed to disk when asked);
+3. keys at the last edited layer l*, from the unedited model: their norms and neighbourhoods;
+4. a residual δ_i per fact, in batches (checkpointed to disk when asked);
 5. per layer, keys and hidden states on the partially edited model, then Δ(λC + KKᵀ) = RKᵀ.
 
-Weights change only in step 5; any exception or interrupt there puts every edited matrix back bit for bit.
+Weights change only in step 5, inside a :class:`~eamet.parts.WeightSnapshot`: any exception or interrupt
+there, or while the result is assembled, puts every edited matrix back bit for bit.
 """
 
 from __future__ import annotations
@@ -18,322 +19,29 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from eamet import __version__
-from eamet.arch import ArchSpec, registered_layout
+from eamet.arch import registered_layout
+from eamet.checkpoint import ResidualCheckpoint
 from eamet.config import EditConfig, Method
 from eamet.covariance import Corpus, CovarianceCollector, model_fingerprint
-from eamet.diagnostics import MisalignmentReport, misalignment, neighbors
-from eamet.errors import (
-    CacheError,
-    EametError,
-    EditMismatchError,
-    FactError,
-    NonFiniteError,
-    ParameterError,
-)
+from eamet.diagnostics import MisalignmentReport, misalignment
+from eamet.errors import EametError, FactError, NonFiniteError, ParameterError
 from eamet.facts import Fact, check_facts
 from eamet.keys import PromptSet, collect
-from eamet.parts import ModelParts, tensor_sha256
-from eamet.residuals import FactStats, KeyNeighborhood, ResidualOptimizer
+from eamet.parts import ModelParts, WeightSnapshot, eval_mode, tensor_sha256
+from eamet.residuals import KeyNeighborhood, ResidualOptimizer, Residuals
+from eamet.results import EditResult, WeightRecord
 from eamet.solve import LayerUpdate, apply_update, solve_device, solve_layer
 from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
 
 __all__ = ["EditResult", "Editor"]
-
-FILE_FORMAT = 1
-
-
-@dataclass
-class WeightRecord:
-    """Identity of one edited matrix before and after the edit (checked by ``apply`` and ``undo``)."""
-
-    layer: int
-    path: str
-    shape: list[int]
-    dtype: str
-    original_sha256: str
-    edited_sha256: str = ""
-
-
-@dataclass
-class EditResult:
-    """The outcome of :meth:`Editor.edit`: what was changed, how, and how to take it back.
-
-    Attributes:
-        facts: the edited facts, in editing order.
-        config: the settings used; templates: the context templates (template 0 is the bare ``"{}"``).
-        updates: one :class:`~eamet.solve.LayerUpdate` per edited layer (low-rank factors of Δ).
-        deltas: (N, d) float32 residuals δ_i at the last edited layer.
-        stats: per fact, the optimisation's loss terms, steps, ‖δ‖, radius and seconds.
-        misalignment: report of the last layer's unedited keys vs ``deltas`` (``eamet.misalignment``,
-            support j ≠ i); ``None`` for a single fact or when a residual is exactly zero.
-        weights: per edited matrix, its path, shape, dtype and SHA-256 before/after.
-        arch: the model type and module paths the edit was made on.
-    """
-
-    facts: list[Fact]
-    config: EditConfig
-    templates: list[str]
-    updates: list[LayerUpdate]
-    deltas: torch.Tensor
-    stats: list[FactStats]
-    misalignment: MisalignmentReport | None
-    weights: list[WeightRecord]
-    arch: dict[str, Any]
-    tokens: dict[str, Any] = field(default_factory=dict)
-    _model: nn.Module | None = field(default=None, repr=False)
-    _originals: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def applied(self) -> bool:
-        """Whether this result is currently applied to a model (and can be undone)."""
-        return self._model is not None
-
-    def undo(self) -> None:
-        """Restores the edited matrices to their exact pre-edit values.
-
-        Raises ``EditMismatchError`` if the result is not applied, or if the matrices changed since (undo
-        later edits first: edits are undone in reverse order).
-        """
-        if self._model is None:
-            raise EditMismatchError("this edit is not applied to a model")
-        parts = ModelParts(self._model, ArchSpec(**self.arch["spec"]))
-        for record in self.weights:
-            if tensor_sha256(parts.rewrite_weight(record.layer)) != record.edited_sha256:
-                raise EditMismatchError(
-                    f"{record.path} changed since this edit was applied; undo later edits first"
-                )
-        try:
-            _restore(parts, self._originals)
-        except KeyboardInterrupt:
-            _restore(parts, self._originals)  # finish: a half-undone edit could be neither undone nor kept
-            raise
-        finally:
-            self._model = None
-            self._originals = {}
-
-    def apply(self, model: nn.Module) -> EditResult:
-        """Applies this (e.g. loaded) edit to ``model`` in place and returns ``self``, now undoable.
-
-        Refuses, with ``EditMismatchError`` and nothing changed, a model of another architecture, with
-        other shapes or dtypes, or whose matrices are not the ones the edit was made on (SHA-256).
-        """
-        if self._model is not None:
-            raise EditMismatchError("this edit is already applied; undo it first")
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type != self.arch["model_type"]:
-            raise EditMismatchError(
-                f"the edit was made on a {self.arch['model_type']!r} model, not {model_type!r}"
-            )
-        parts = ModelParts(model, ArchSpec(**self.arch["spec"]))
-        for record in self.weights:
-            if record.layer >= parts.num_layers:
-                raise EditMismatchError(f"the model has no layer {record.layer}")
-            weight = parts.rewrite_weight(record.layer)
-            if list(weight.shape) != record.shape or str(weight.dtype) != record.dtype:
-                raise EditMismatchError(
-                    f"{record.path}: the edit expects {record.shape} {record.dtype}, the model has "
-                    f"{list(weight.shape)} {weight.dtype}"
-                )
-            if tensor_sha256(weight) != record.original_sha256:
-                raise EditMismatchError(f"{record.path}: the weights differ from those the edit was made on")
-        originals = {r.layer: parts.rewrite_weight(r.layer).detach().clone() for r in self.weights}
-        try:
-            for update in self.updates:
-                apply_update(parts.rewrite_weight(update.layer), update, parts.spec.weight_layout)
-        except BaseException:
-            _restore(parts, originals)
-            raise
-        for record in self.weights:
-            if tensor_sha256(parts.rewrite_weight(record.layer)) != record.edited_sha256:
-                warnings.warn(
-                    f"{record.path}: re-applied weights differ in rounding from the original edit's "
-                    "(another device's float64 arithmetic)",
-                    stacklevel=2,
-                )
-                break
-        self._model, self._originals = model, originals
-        return self
-
-    # -- files -----------------------------------------------------------------------------------------
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes the edit as one safetensors file (atomically): the factors of every layer, the residuals,
-        the misalignment arrays, and JSON metadata (facts, config, templates, stats, weight hashes).
-        """
-        tensors: dict[str, torch.Tensor] = {"deltas": self.deltas.float().contiguous()}
-        for update in self.updates:
-            tensors[f"update.{update.layer}.residuals"] = update.residuals.contiguous()
-            tensors[f"update.{update.layer}.solved_keys"] = update.solved_keys.contiguous()
-            tensors[f"update.{update.layer}.fit_error"] = update.fit_error.contiguous()
-        report_meta = None
-        if self.misalignment is not None:
-            for f in fields(self.misalignment):
-                value = getattr(self.misalignment, f.name)
-                if isinstance(value, np.ndarray):
-                    tensors[f"misalignment.{f.name}"] = torch.from_numpy(np.ascontiguousarray(value))
-            rep = self.misalignment
-            report_meta = {"top_m": rep.top_m, "tau": rep.tau, "progressive": rep.progressive}
-        meta = {
-            "format": FILE_FORMAT,
-            "eamet_version": __version__,
-            "arch": self.arch,
-            "tokens": self.tokens,
-            "config": self.config.to_dict(),
-            "facts": [f.to_dict() for f in self.facts],
-            "templates": self.templates,
-            "stats": [s.to_dict() for s in self.stats],
-            "weights": [vars(r) for r in self.weights],
-            "layers": [{"layer": u.layer, "path": u.path} for u in self.updates],
-            "misalignment": report_meta,
-        }
-        _atomic_save(tensors, {"eamet": json.dumps(meta)}, Path(path))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> EditResult:
-        """Reads a file written by :meth:`save` (not applied to any model yet: call :meth:`apply`).
-        Raises ``CacheError`` for a corrupt or foreign file.
-        """
-        from safetensors import SafetensorError, safe_open
-
-        try:
-            with safe_open(os.fspath(path), framework="pt") as handle:
-                meta = json.loads((handle.metadata() or {})["eamet"])
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-        except (SafetensorError, KeyError, json.JSONDecodeError, OSError) as exc:
-            if isinstance(exc, FileNotFoundError):
-                raise
-            raise CacheError(f"{path}: not a readable eamet edit file ({exc})", path=str(path)) from exc
-        if meta.get("format") != FILE_FORMAT:
-            raise CacheError(f"{path}: unsupported edit file format {meta.get('format')!r}", path=str(path))
-        try:
-            updates = [
-                LayerUpdate(
-                    e["layer"],
-                    e["path"],
-                    tensors[f"update.{e['layer']}.residuals"],
-                    tensors[f"update.{e['layer']}.solved_keys"],
-                    tensors.get(f"update.{e['layer']}.fit_error", torch.zeros(0)),
-                )
-                for e in meta["layers"]
-            ]
-            report = None
-            if meta["misalignment"] is not None:
-                arrays = {
-                    k.split(".", 1)[1]: v.numpy() for k, v in tensors.items() if k.startswith("misalignment.")
-                }
-                report = MisalignmentReport(**arrays, **meta["misalignment"])
-            return cls(
-                facts=[Fact.from_dict(f) for f in meta["facts"]],
-                config=EditConfig.from_dict(meta["config"]),
-                templates=list(meta["templates"]),
-                updates=updates,
-                deltas=tensors["deltas"],
-                stats=[FactStats(**s) for s in meta["stats"]],
-                misalignment=report,
-                weights=[WeightRecord(**w) for w in meta["weights"]],
-                arch=meta["arch"],
-                tokens=meta.get("tokens", {}),
-            )
-        except (KeyError, TypeError, EametError) as exc:
-            raise CacheError(f"{path}: incomplete or inconsistent edit file ({exc})", path=str(path)) from exc
-
-    def summary(self) -> dict[str, Any]:
-        """Scalars for printing or JSON: sizes, mean loss terms, steps, seconds, each layer's median fit
-        error and the misalignment total.
-        """
-        n = len(self.stats)
-        mean = {k: sum(getattr(s, k) for s in self.stats) / n for k in ("loss", "nll", "steps", "delta_norm")}
-        fit = {u.layer: float(u.fit_error.median()) for u in self.updates if u.fit_error.numel()}
-        return {
-            "facts": len(self.facts),
-            "method": self.config.method,
-            "layers": list(self.config.layers),
-            "residual_seconds": sum(s.seconds for s in self.stats),
-            "mean": mean,
-            "median_fit_error": fit,
-            "misalignment_total": None if self.misalignment is None else self.misalignment.total,
-        }
-
-
-def _restore(parts: ModelParts, originals: Mapping[int, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for layer, weight in originals.items():
-            parts.rewrite_weight(layer).copy_(weight)
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.fspath(tmp), metadata=metadata
-        )
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-class _Checkpoint:
-    """Per-fact residuals of an edit in progress, so a killed run resumes where it stopped."""
-
-    def __init__(self, root: Path, fingerprint: str, templates: list[str]) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        manifest = root / "run.json"
-        if manifest.exists():
-            try:
-                stored = json.loads(manifest.read_text(encoding="utf-8"))
-                templates_found = stored["templates"]
-                if not isinstance(templates_found, list):
-                    raise TypeError("templates is not a list")
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise CacheError(
-                    f"{manifest}: not a checkpoint manifest of eamet ({exc})", path=str(manifest)
-                ) from exc
-            if stored.get("fingerprint") != fingerprint:
-                raise CacheError(
-                    f"{root} holds the checkpoint of a different edit (model, facts or settings differ); "
-                    "use another checkpoint_dir or empty this one",
-                    path=str(root),
-                )
-            self.templates: list[str] = [str(t) for t in templates_found]
-        else:
-            self.templates = templates
-            tmp = root / ".run.json.tmp"
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "templates": templates}), encoding="utf-8")
-            tmp.replace(manifest)
-
-    def path(self, i: int) -> Path:
-        return self.root / f"fact-{i:07d}.safetensors"
-
-    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor, FactStats] | None:
-        from safetensors import SafetensorError, safe_open
-
-        path = self.path(i)
-        if not path.exists():
-            return None
-        try:
-            with safe_open(os.fspath(path), framework="pt") as handle:
-                stats = FactStats(**json.loads((handle.metadata() or {})["stats"]))
-                return handle.get_tensor("delta"), handle.get_tensor("h"), stats
-        except (SafetensorError, KeyError, TypeError, json.JSONDecodeError):
-            return None  # written atomically, so only a foreign file lands here: recompute it
-
-    def save(self, i: int, delta: torch.Tensor, h: torch.Tensor, stats: FactStats) -> None:
-        _atomic_save({"delta": delta, "h": h}, {"stats": json.dumps(stats.to_dict())}, self.path(i))
 
 
 class Editor:
@@ -438,40 +146,68 @@ class Editor:
         """Edits ``facts`` into the model in place and returns the :class:`EditResult`.
 
         All-or-nothing: on any exception or ``KeyboardInterrupt`` the weights are exactly as before. With
-        ``checkpoint_dir``, each fact's residual is saved as it is found, and a rerun with the same model,
-        facts and settings resumes after the last saved fact with the same result.
+        ``checkpoint_dir``, each batch of residuals is saved as it is found, and a rerun with the same model,
+        facts and settings resumes after the last saved batch with the same result.
 
         Raises:
             FactError: malformed, duplicated or conflicting facts (before any work), or a subject that
                 cannot be located in its prompt.
             SolveError: the update's system is not positive definite.
         """
-        model = self.model
         fact_list = check_facts(facts)
         for i, fact in enumerate(fact_list):
             try:
                 self.tokens.target_ids(fact.target)
             except FactError as exc:
                 raise FactError(f"fact {i}: {exc}", row=i) from None
-        was_training = model.training
-        grad_flags = [p.requires_grad for p in model.parameters()]
-        model.eval()
-        model.requires_grad_(False)
-        try:
+        with eval_mode(self.model, frozen=True):
             return self._edit(fact_list, checkpoint_dir, progress)
-        finally:
-            for p, flag in zip(model.parameters(), grad_flags, strict=True):
-                p.requires_grad_(flag)
-            model.train(was_training)
 
     def _edit(
         self, facts: list[Fact], checkpoint_dir: str | os.PathLike[str] | None, progress: bool
     ) -> EditResult:
-        cfg, model, parts, tokens = self.config, self.model, self.parts, self.tokens
-        l_star = cfg.layers[-1]
-        templates = generate_templates(
-            model,
-            tokens,
+        cfg = self.config
+        # 1. facts and context templates (a resumed run keeps the templates it started with)
+        templates = self._templates()
+        checkpoint = None
+        if checkpoint_dir is not None:
+            checkpoint = ResidualCheckpoint(Path(checkpoint_dir), self._fingerprint(facts), templates)
+            templates = checkpoint.templates
+        prompts = PromptSet.build(self.tokens, facts, templates, cfg.fact_token)
+        # 2. covariance statistics of every edited layer
+        moments = self.covariance(progress=progress)
+        # 3. keys at l* on the unedited model
+        keys = self._keys(prompts, cfg.layers[-1], progress)[0]
+        # 4. residuals
+        optimizer = ResidualOptimizer(
+            self.model, self.parts, self.tokens, cfg, prompts, KeyNeighborhood.of(keys)
+        )
+        residuals = optimizer.run(checkpoint, progress=progress)
+        if not bool(torch.isfinite(residuals.targets).all()):
+            raise NonFiniteError("the optimised residuals hold NaN or Inf; nothing was changed")
+        report = self._report(keys, residuals.deltas)
+        # 5. the update, layer by layer; the weights change only here
+        updates, records, snapshot = self._update(prompts, residuals, moments, progress)
+        with snapshot:  # a failure while the result is assembled puts the weights back too
+            result = EditResult(
+                facts=facts,
+                config=cfg,
+                templates=templates,
+                updates=updates,
+                deltas=residuals.deltas.cpu(),
+                stats=residuals.stats,
+                misalignment=report,
+                weights=records,
+                arch=self.parts.describe(),
+                tokens=self.tokens.describe(),
+            )
+        return result._applied_with(snapshot)
+
+    def _templates(self) -> list[str]:
+        cfg = self.config
+        return generate_templates(
+            self.model,
+            self.tokens,
             cfg.template_seeds,
             length=cfg.template_length,
             temperature=cfg.template_temperature,
@@ -479,123 +215,46 @@ class Editor:
             top_p=cfg.template_top_p,
             seed=cfg.seed,
         )
-        checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = _Checkpoint(Path(checkpoint_dir), self._fingerprint(facts), templates)
-            templates = checkpoint.templates
-        prompts = PromptSet.build(tokens, facts, templates, cfg.fact_token)
-        moments = self.covariance(progress=progress)
 
-        keys_star, _ = collect(
-            model,
-            parts,
-            tokens,
+    def _keys(
+        self, prompts: PromptSet, layer: int, progress: bool, hidden_layer: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, d_ff) keys at ``layer`` and, if asked, (N, d) hidden states at ``hidden_layer``."""
+        keys, hidden = collect(
+            self.model,
+            self.parts,
+            self.tokens,
             prompts,
-            key_layer=l_star,
-            hidden_layer=None,
-            batch_size=cfg.key_batch_size,
+            key_layer=layer,
+            hidden_layer=hidden_layer,
+            batch_size=self.config.key_batch_size,
             progress=progress,
         )
-        assert keys_star is not None
-        nbhd = self._neighborhood(keys_star)
-        optimizer = ResidualOptimizer(model, parts, tokens, cfg, prompts, nbhd)
-        n, d = len(facts), parts.hidden_dim(l_star)
-        deltas = torch.zeros((n, d), device=self.device)
-        hidden = torch.zeros((n, d), device=self.device)
-        stats: list[FactStats] = []
-        bar = tqdm(range(n), desc=f"{cfg.method} residuals", unit="fact", disable=not progress)
-        for i in bar:
-            found = checkpoint.load(i) if checkpoint is not None else None
-            if found is None:
-                with torch.enable_grad():
-                    delta, h, fact_stats = optimizer.optimize(i, deltas[:i])
-                if checkpoint is not None:
-                    checkpoint.save(i, delta, h, fact_stats)
-            else:
-                delta, h, fact_stats = found
-            deltas[i], hidden[i] = delta.to(self.device), h.to(self.device)
-            stats.append(fact_stats)
-            bar.set_postfix(loss=f"{fact_stats.loss:.3f}", nll=f"{fact_stats.nll:.3f}", refresh=False)
-        targets = hidden + deltas
-        if not bool(torch.isfinite(targets).all()):
-            raise NonFiniteError("the optimised residuals hold NaN or Inf; nothing was changed")
-        # Everything that can fail runs before the weights change or inside _update's rollback.
-        report = self._report(keys_star, deltas)
-        updates, records = self._update(prompts, targets, moments, progress)
-        try:
-            result = EditResult(
-                facts=facts,
-                config=cfg,
-                templates=templates,
-                updates=updates,
-                deltas=deltas.cpu(),
-                stats=stats,
-                misalignment=report,
-                weights=records,
-                arch=parts.describe(),
-                tokens=tokens.describe(),
-            )
-            result._model = model
-            result._originals = self._last_originals
-        except BaseException:
-            _restore(parts, self._last_originals)
-            raise
-        return result
-
-    def _neighborhood(self, keys: torch.Tensor) -> KeyNeighborhood:
-        norms = keys.norm(dim=1)
-        unit = keys / norms.clamp_min(1e-12)[:, None]
-        n = keys.shape[0]
-        align = self.config.cs_factor > 0 or self.config.mse_factor > 0
-        if align and n >= 2:
-            # Top-M among earlier facts, from the Rust core: neighbour lists instead of an N × N matrix.
-            idx, _ = neighbors(keys.detach().float().cpu().numpy(), self.config.top_m, progressive=True)
-            top = torch.from_numpy(idx).to(keys.device)
-        else:
-            top = torch.full((n, 0), -1, dtype=torch.long, device=keys.device)
-        return KeyNeighborhood(unit_keys=unit, norms=norms, top=top)
+        assert keys is not None
+        return keys, hidden
 
     def _update(
-        self, prompts: PromptSet, targets: torch.Tensor, moments: dict[int, torch.Tensor], progress: bool
-    ) -> tuple[list[LayerUpdate], list[WeightRecord]]:
+        self, prompts: PromptSet, residuals: Residuals, moments: dict[int, torch.Tensor], progress: bool
+    ) -> tuple[list[LayerUpdate], list[WeightRecord], WeightSnapshot]:
+        """Solves and applies every layer's update; returns them, the weights' records and the snapshot of
+        the weights from before (restored if anything here fails)."""
         cfg, parts = self.config, self.parts
         l_star, m = cfg.layers[-1], len(cfg.layers)
-        records = []
-        for layer in cfg.layers:
-            weight = parts.rewrite_weight(layer)
-            records.append(
-                WeightRecord(
-                    layer,
-                    parts.spec.rewrite_path(layer),
-                    list(weight.shape),
-                    str(weight.dtype),
-                    tensor_sha256(weight),
-                )
-            )
-        originals = {r.layer: parts.rewrite_weight(r.layer).detach().clone() for r in records}
+        records = [WeightRecord.of(parts, layer) for layer in cfg.layers]
         updates: list[LayerUpdate] = []
-        try:
+        with WeightSnapshot(parts, cfg.layers) as snapshot:
             for j, layer in enumerate(cfg.layers):
-                keys, hidden = collect(
-                    self.model,
-                    parts,
-                    self.tokens,
-                    prompts,
-                    key_layer=layer,
-                    hidden_layer=l_star,
-                    batch_size=cfg.key_batch_size,
-                    progress=progress,
-                )
-                assert keys is not None and hidden is not None
+                keys, hidden = self._keys(prompts, layer, progress, hidden_layer=l_star)
+                assert hidden is not None
                 # Each layer takes an equal share of the gap still left at l* (the last layer takes the rest).
-                residuals = (targets - hidden) / (m - j)
+                shares = (residuals.targets - hidden) / (m - j)
                 solved = solve_layer(
                     moments[layer], keys, cfg.mom2_update_weight[j], solver=cfg.solver, layer=layer
                 )
                 update = LayerUpdate(
                     layer,
                     parts.spec.rewrite_path(layer),
-                    residuals.float().cpu(),
+                    shares.float().cpu(),
                     solved.float().cpu(),
                     keys=keys.float().cpu(),
                 )
@@ -604,11 +263,7 @@ class Editor:
                 updates.append(update)
             for record in records:
                 record.edited_sha256 = tensor_sha256(parts.rewrite_weight(record.layer))
-        except BaseException:
-            _restore(parts, originals)
-            raise
-        self._last_originals = originals
-        return updates, records
+        return updates, records, snapshot
 
     def _report(self, keys: torch.Tensor, deltas: torch.Tensor) -> MisalignmentReport | None:
         if keys.shape[0] < 2:

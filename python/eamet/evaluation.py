@@ -34,6 +34,8 @@ from eamet._progress import progress_callback
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import ParameterError
 from eamet.facts import SUBJECT_SLOT
+from eamet.metrics import KINDS, METRICS, RATE_KEYS, Rate, RecordMetrics
+from eamet.parts import eval_mode
 from eamet.records import EditCase, case_from_record
 from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
@@ -119,9 +121,7 @@ def score_targets(
     nll = torch.zeros(n, dtype=torch.float64)
     hits: list[torch.Tensor] = [torch.zeros(0, dtype=torch.bool)] * n
     lengths = [len(p) + len(t) - 1 for p, t in encoded]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for batch in length_sorted_batches(lengths, max_items=batch_size):
             seqs = [encoded[i][0] + encoded[i][1][:-1] for i in batch]
             inputs = pad_right(seqs, tokens.pad_id, device)
@@ -135,8 +135,6 @@ def score_targets(
                 hits[i] = (scores.argmax(dim=-1) == wanted).cpu()
             if on_batch is not None:
                 on_batch(len(batch))
-    finally:
-        model.train(was_training)
     strict = torch.tensor([bool(h.all()) for h in hits], dtype=torch.bool)
     return TargetScores(nll=nll, strict=strict, token_hits=hits)
 
@@ -199,7 +197,6 @@ def ngram_entropy(text: str) -> float:
 
 # The reference truncates generation inputs to this many tokens (algorithm.md §8.3).
 MAX_GENERATION_PROMPT_TOKENS = 256
-METRICS = ("efficacy", "generalization", "specificity")
 
 
 @dataclass(frozen=True)
@@ -227,9 +224,7 @@ class EvaluationReport:
         "n_records", "prefix_len"}``: each rate is the mean over the records that have it (each record
         first averaged over its own prompts), ``None`` if no record has it.
         """
-        out: dict[str, Any] = {
-            m: {"strict": self._mean(f"{m}_strict"), "lenient": self._mean(f"{m}_lenient")} for m in METRICS
-        }
+        out: dict[str, Any] = {m: {k: self._mean(f"{m}_{k}") for k in KINDS} for m in METRICS}
         out["fluency"] = self._mean("fluency")
         out["n_records"] = len(self.per_record)
         out["prefix_len"] = self.prefix_len
@@ -238,8 +233,7 @@ class EvaluationReport:
     def metrics(self) -> dict[str, float | None]:
         """Flat ``{"efficacy_strict", "efficacy_lenient", "generalization_strict", "generalization_lenient",
         "specificity_strict", "specificity_lenient", "fluency"}`` (the keys of ``eamet demo --json``)."""
-        keys = [f"{m}_{how}" for m in METRICS for how in ("strict", "lenient")] + ["fluency"]
-        return {key: self._mean(key) for key in keys}
+        return {key: self._mean(key) for key in (*RATE_KEYS, "fluency")}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready ``{"summary", "prefixes", "per_record"}``."""
@@ -347,16 +341,9 @@ def evaluate(
         raise ParameterError(f"batch_size must be >= 1, got {batch_size}", argument="batch_size")
     given = None if prefixes is None else _check_prefixes(prefixes)
     tokens = tokenizer if isinstance(tokenizer, TokenAdapter) else TokenAdapter(tokenizer)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            used = given if given is not None else evaluation_prefixes(model, tokens, prefix_len, seed=seed)
-            rows = _evaluate_cases(
-                model, tokens, cases, used, fluency, generation_tokens, batch_size, progress
-            )
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        used = given if given is not None else evaluation_prefixes(model, tokens, prefix_len, seed=seed)
+        rows = _evaluate_cases(model, tokens, cases, used, fluency, generation_tokens, batch_size, progress)
     return EvaluationReport(per_record=rows, prefixes=tuple(used), prefix_len=prefix_len)
 
 
@@ -445,35 +432,37 @@ def _evaluate_cases(
         texts = _greedy_texts(
             model, tokens, flat, new_tokens=generation_tokens, batch_size=batch_size, on_batch=advance
         )
-    rows = []
-    for case, plan in zip(cases, plans, strict=True):
-        row: dict[str, Any] = {"case_id": case.case_id, "kind": case.kind}
-        for metric in METRICS:
-            items = plan[metric]
-            strict: float | None = None
-            lenient: float | None = None
-            if items:
-                s = scores[metric]
-                if metric == "specificity" and case.kind == "zsre":
-                    hits = torch.cat([s.token_hits[w] for w, _ in items])
-                    strict = float(hits.double().mean())
-                else:
-                    strict = float(s.strict[[w for w, _ in items]].double().mean())
-                if all(o is not None for _, o in items):
-                    wanted = s.nll[[w for w, _ in items]]
-                    other = s.nll[[o for _, o in items if o is not None]]
-                    ok = lenient_correct(wanted, other, ties=metric != "specificity")
-                    lenient = float(ok.double().mean())
-            row[f"{metric}_strict"], row[f"{metric}_lenient"] = strict, lenient
-        row["fluency"] = None
-        rows.append(row)
+    fluencies: list[float | None] = [None] * len(cases)
     if fluency:
         start = 0
-        for row, prompts in zip(rows, generation, strict=True):
+        for i, prompts in enumerate(generation):
             entropies = [ngram_entropy(text) for text in texts[start : start + len(prompts)]]
             start += len(prompts)
-            row["fluency"] = sum(entropies) / len(entropies)
+            fluencies[i] = sum(entropies) / len(entropies)
+    rows = []
+    for case, plan, fluent in zip(cases, plans, fluencies, strict=True):
+        rates = {metric: _rate(case, metric, plan[metric], scores.get(metric)) for metric in METRICS}
+        rows.append(RecordMetrics(case.case_id, case.kind, **rates, fluency=fluent).flat())
     return rows
+
+
+def _rate(
+    case: EditCase, metric: str, items: list[tuple[int, int | None]], scores: TargetScores | None
+) -> Rate:
+    """One record's strict and lenient rate of ``metric`` from its scored pairs (wanted, other)."""
+    if not items or scores is None:
+        return Rate()
+    if metric == "specificity" and case.kind == "zsre":
+        hits = torch.cat([scores.token_hits[w] for w, _ in items])
+        strict = float(hits.double().mean())
+    else:
+        strict = float(scores.strict[[w for w, _ in items]].double().mean())
+    lenient = None
+    if all(o is not None for _, o in items):
+        wanted = scores.nll[[w for w, _ in items]]
+        other = scores.nll[[o for _, o in items if o is not None]]
+        lenient = float(lenient_correct(wanted, other, ties=metric != "specificity").double().mean())
+    return Rate(strict, lenient)
 
 
 @torch.no_grad()

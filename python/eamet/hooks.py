@@ -24,7 +24,9 @@ __all__ = [
     "hidden_of",
     "record_inputs",
     "record_outputs",
+    "replace_forward",
     "run_until",
+    "with_hidden",
 ]
 
 
@@ -53,7 +55,8 @@ def by_position(x: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
     )
 
 
-def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """A block output of the same form as ``output`` (a tensor, or a tuple led by one) holding ``hidden``."""
     if isinstance(output, torch.Tensor):
         return hidden
     return (hidden, *output[1:])
@@ -92,7 +95,7 @@ def add_to_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]
     """While active, the block's hidden-state output is replaced by ``edit(hidden)``."""
 
     def hook(_m: nn.Module, _a: tuple[Any, ...], output: Any) -> Any:
-        return _with_hidden(output, edit(hidden_of(output)))
+        return with_hidden(output, edit(hidden_of(output)))
 
     handle = block.register_forward_hook(hook)
     try:
@@ -114,3 +117,22 @@ def run_until(model: nn.Module, stop_after: nn.Module, **inputs: torch.Tensor) -
         pass
     finally:
         handle.remove()
+
+
+_NO_OWN_FORWARD = object()
+
+
+@contextmanager
+def replace_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """While active, calling ``module`` runs ``forward`` instead of its own computation (forward hooks still
+    run around it). Used to skip blocks whose outputs are already known. An instance-level ``forward``
+    the module had before (accelerate sets one) is put back afterwards."""
+    own = module.__dict__.get("forward", _NO_OWN_FORWARD)
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if own is _NO_OWN_FORWARD:
+            del module.forward
+        else:
+            module.forward = own

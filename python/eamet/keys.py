@@ -13,15 +13,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from eamet._progress import progress_bar
 from eamet.batching import length_sorted_batches, pad_right
+from eamet.choices import FactToken
 from eamet.errors import FactError
 from eamet.facts import Fact
 from eamet.hooks import by_position, record_inputs, record_outputs, run_until
 from eamet.parts import ModelParts
 from eamet.templates import template_weights
-from eamet.tokens import Encoded, FactToken, TokenAdapter
+from eamet.tokens import Encoded, TokenAdapter
 
 __all__ = ["PromptSet", "collect"]
 
@@ -91,9 +92,12 @@ def collect(
     store: dict[str, torch.Tensor] = {}
     weights = torch.tensor(prompts.weights, device=device)
     batches = list(length_sorted_batches(lengths, batch_size))
-    bar = tqdm(batches, desc=f"keys (layer {deepest})", unit="batch", disable=not progress, leave=False)
-    with record_inputs(watch_in, store), record_outputs(watch_out, store):
-        for batch in bar:
+    bar = progress_bar(
+        total=len(batches), desc=f"keys (layer {deepest})", unit="batch", enabled=progress, leave=False
+    )
+    with bar as shown, record_inputs(watch_in, store), record_outputs(watch_out, store):
+        for batch in batches:
+            shown.update(1)
             sel = [items[b] for b in batch]
             enc = [prompts.encoded[i][t] for i, t in sel]
             inputs = pad_right([e.ids for e in enc], tokens.pad_id, device)

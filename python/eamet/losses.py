@@ -1,15 +1,30 @@
 """The terms of the residual objective (algorithm.md §4.3), as pure torch functions.
 
 Each is differentiable in ``delta`` (and, for the NLL and essence terms, in the log-probabilities) and
-checked with ``torch.autograd.gradcheck`` in float64 in the tests.
+checked with ``torch.autograd.gradcheck`` in float64 in the tests. The alignment terms come in two
+forms: one fact against its earlier facts (``alignment_kl``, ``topm_mse``: the reference's per-fact view),
+and a batch of B facts at once, each against its own subset of the saved residuals (``alignment_kl_rows``,
+``topm_mse_rows``), which the single forms call with B = 1.
 """
 
 from __future__ import annotations
 
 import torch
-from torch.nn import functional
 
-__all__ = ["alignment_kl", "essence_kl", "norm_penalty", "residual_cosines", "target_nll", "topm_mse"]
+__all__ = [
+    "alignment_kl",
+    "alignment_kl_rows",
+    "essence_kl",
+    "norm_penalty",
+    "residual_cosines",
+    "residual_cosines_rows",
+    "target_nll",
+    "topm_mse",
+    "topm_mse_rows",
+]
+
+# Norms below this are treated as this when forming cosines (a zero residual has cosine 0 to everything).
+_NORM_FLOOR = 1e-8
 
 
 def target_nll(log_probs: torch.Tensor, target_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -29,16 +44,67 @@ def target_nll(log_probs: torch.Tensor, target_ids: torch.Tensor, positions: tor
 
 
 def essence_kl(log_p: torch.Tensor, log_p0: torch.Tensor) -> torch.Tensor:
-    """KL(P ‖ P₀) = Σ_v P(v)(log P(v) − log P₀(v)) between two (V,) log-distributions (§4.3b).
+    """KL(P ‖ P₀) = Σ_v P(v)(log P(v) − log P₀(v)) over the last dimension (§4.3b).
 
-    The direction is the reference's: the current distribution is the first argument.
+    Args:
+        log_p, log_p0: (..., V) log-distributions (one per fact for a batch).
+
+    Returns:
+        (...) the divergence of each distribution: a scalar for (V,) inputs. The direction is the
+        reference's: the current distribution is the first argument.
     """
-    return (log_p.exp() * (log_p - log_p0)).sum()
+    kl: torch.Tensor = (log_p.exp() * (log_p - log_p0)).sum(dim=-1)
+    return kl
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    unit: torch.Tensor = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_NORM_FLOOR)
+    return unit
+
+
+def residual_cosines_rows(deltas: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
+    """(B, J) cosines between each row of ``deltas`` (B, d) and each row of ``saved`` (J, d), as one
+    product of unit rows (never a B × J × d tensor)."""
+    cosines: torch.Tensor = _unit_rows(deltas) @ _unit_rows(saved).T
+    return cosines
 
 
 def residual_cosines(delta: torch.Tensor, saved: torch.Tensor) -> torch.Tensor:
     """(J,) cosines between ``delta`` (d,) and each row of ``saved`` (J, d)."""
-    return functional.cosine_similarity(delta[None, :], saved, dim=-1)
+    return residual_cosines_rows(delta[None, :], saved)[0]
+
+
+def alignment_kl_rows(
+    deltas: torch.Tensor,
+    saved: torch.Tensor,
+    key_cos: torch.Tensor,
+    valid: torch.Tensor,
+    tau: float,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """KL(P_k ‖ P_r) of each of B facts over its own subset of the saved residuals (§4.3d).
+
+    Args:
+        deltas: (B, d) the residuals being optimised.
+        saved: (J, d) candidate residuals (constants).
+        key_cos: (B, J) cosines between each fact's key and the candidates' keys (constants).
+        valid: (B, J) bool, which candidates belong to each fact's support (its earlier facts).
+        tau: temperature; eps: the reference's smoothing inside the log.
+
+    Returns:
+        (B,) Σ_j p_j log((p_j + ε)/(q_j + ε)) over the valid j, with p = softmax(key_cos/τ) and
+        q = softmax(cos(δ, saved)/τ) each taken over the valid j; 0 for a fact with no valid candidate.
+    """
+    out = deltas.new_zeros(deltas.shape[0])
+    has = valid.any(dim=1)
+    if not bool(has.any()):
+        return out
+    mask = valid[has]
+    p = torch.softmax((key_cos[has] / tau).masked_fill(~mask, float("-inf")), dim=1)
+    q_logits = residual_cosines_rows(deltas[has], saved) / tau
+    q = torch.softmax(q_logits.masked_fill(~mask, float("-inf")), dim=1)
+    terms = (p * torch.log((p + eps) / (q + eps))).masked_fill(~mask, 0.0)
+    return out.index_put((has.nonzero()[:, 0],), terms.sum(dim=1))
 
 
 def alignment_kl(
@@ -55,9 +121,33 @@ def alignment_kl(
     Returns:
         Scalar Σ_j p_j log((p_j + ε)/(q_j + ε)), p = softmax(key_cos/τ), q = softmax(cos(δ, saved)/τ).
     """
-    p = torch.softmax(key_cos / tau, dim=0)
-    q = torch.softmax(residual_cosines(delta, saved) / tau, dim=0)
-    return (p * torch.log((p + eps) / (q + eps))).sum()
+    valid = torch.ones((1, saved.shape[0]), dtype=torch.bool, device=delta.device)
+    return alignment_kl_rows(delta[None, :], saved, key_cos[None, :], valid, tau, eps)[0]
+
+
+def topm_mse_rows(
+    deltas: torch.Tensor, saved_top: torch.Tensor, key_cos_top: torch.Tensor, valid: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """Weighted MSE between key and residual cosines over each fact's top-M key neighbours (§4.3e).
+
+    Args:
+        deltas: (B, d); saved_top: (B, M, d) each fact's neighbours' residuals; key_cos_top: (B, M) their
+            key cosines; valid: (B, M) bool, which of the M slots hold a neighbour (a fact with fewer than
+            M earlier facts has padding).
+
+    Returns:
+        (B,) Σ_j w_j (s^k_j − s^r_j)² over the valid slots, w = softmax(key_cos_top/τ) renormalised over
+        them; 0 for a fact with no neighbour.
+    """
+    out = deltas.new_zeros(deltas.shape[0])
+    has = valid.any(dim=1)
+    if not bool(has.any()):
+        return out
+    mask = valid[has]
+    w = torch.softmax((key_cos_top[has] / tau).masked_fill(~mask, float("-inf")), dim=1)
+    res_cos = torch.einsum("bd,bmd->bm", _unit_rows(deltas[has]), _unit_rows(saved_top[has]))
+    terms = (w * (key_cos_top[has] - res_cos) ** 2).masked_fill(~mask, 0.0)
+    return out.index_put((has.nonzero()[:, 0],), terms.sum(dim=1))
 
 
 def topm_mse(
@@ -71,27 +161,35 @@ def topm_mse(
     Returns:
         Scalar Σ_j w_j (s^k_j − s^r_j)², w = softmax(key_cos_top/τ) renormalised over the M neighbours.
     """
-    w = torch.softmax(key_cos_top / tau, dim=0)
-    return (w * (key_cos_top - residual_cosines(delta, saved_top)) ** 2).sum()
+    valid = torch.ones((1, saved_top.shape[0]), dtype=torch.bool, device=delta.device)
+    return topm_mse_rows(delta[None, :], saved_top[None], key_cos_top[None, :], valid, tau)[0]
 
 
 def norm_penalty(
-    delta: torch.Tensor, kind: str, factor: float, *, h_norm: float, key_radius: float
+    delta: torch.Tensor,
+    kind: str,
+    factor: float,
+    *,
+    h_norm: float | torch.Tensor,
+    key_radius: float | torch.Tensor,
 ) -> torch.Tensor:
-    """The norm regulariser R(δ) (§4.3c).
+    """The norm regulariser R(δ) (§4.3c) of one residual (d,) or of each row of (B, d) residuals.
 
     ``fix_ks``: factor·(‖δ‖ − key_radius)²; ``norm``: factor·‖δ‖/‖h‖; ``squared_norm`` (MEMIT):
-    factor·‖δ‖/‖h‖²; ``none``: 0.
+    factor·‖δ‖/‖h‖²; ``none``: 0. ``h_norm`` and ``key_radius`` are scalars or (B,) tensors.
+
+    Returns:
+        A scalar for (d,) input, (B,) for (B, d).
     """
+    if kind not in ("none", "fix_ks", "norm", "squared_norm"):
+        raise ValueError(f"unknown norm penalty {kind!r}")
+    norm = torch.linalg.vector_norm(delta, dim=-1)
     if kind == "none" or factor == 0:
-        return delta.new_zeros(())
-    norm = torch.linalg.vector_norm(delta)
+        return torch.zeros_like(norm)
     if kind == "fix_ks":
         penalty: torch.Tensor = factor * (norm - key_radius) ** 2
     elif kind == "norm":
         penalty = factor * norm / h_norm
-    elif kind == "squared_norm":
-        penalty = factor * norm / h_norm**2
     else:
-        raise ValueError(f"unknown norm penalty {kind!r}")
+        penalty = factor * norm / h_norm**2
     return penalty

@@ -1,8 +1,12 @@
-"""``ModelParts``: the modules of one model that an edit touches, resolved through the registry."""
+"""``ModelParts``: the modules of one model that an edit touches, resolved through the registry; the
+weight snapshot that puts them back; and the model-mode context every pass runs in."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -11,7 +15,7 @@ from torch import nn
 from eamet.arch import ArchSpec, arch_for
 from eamet.errors import UnsupportedArchitectureError
 
-__all__ = ["ModelParts", "tensor_sha256"]
+__all__ = ["ModelParts", "WeightSnapshot", "eval_mode", "tensor_sha256"]
 
 
 class ModelParts:
@@ -108,3 +112,60 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     digest = hashlib.sha256(f"{data.dtype}{tuple(data.shape)}".encode())
     digest.update(data.reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
+
+
+class WeightSnapshot:
+    """Exact copies of some layers' rewrite weights, taken when it is made, that :meth:`restore` puts
+    back bit for bit.
+
+    As a context manager it restores them when the block raises (any exception, Ctrl-C included) and
+    keeps the changes otherwise::
+
+        with WeightSnapshot(parts, layers) as snapshot:
+            ...  # change the weights; on failure they are as before
+        snapshot.restore()  # later: undo
+    """
+
+    def __init__(self, parts: ModelParts, layers: Iterable[int]) -> None:
+        self.parts = parts
+        self.originals = {layer: parts.rewrite_weight(layer).detach().clone() for layer in layers}
+
+    def restore(self) -> None:
+        """Copies every saved weight back. An interrupt during the copy finishes it before it propagates:
+        a half-restored model could be neither undone nor kept."""
+        try:
+            self._copy_back()
+        except KeyboardInterrupt:
+            self._copy_back()
+            raise
+
+    def _copy_back(self) -> None:
+        with torch.no_grad():
+            for layer, weight in self.originals.items():
+                self.parts.rewrite_weight(layer).copy_(weight)
+
+    def __enter__(self) -> WeightSnapshot:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.restore()
+
+
+@contextmanager
+def eval_mode(model: nn.Module, *, frozen: bool = False) -> Iterator[nn.Module]:
+    """Runs the block with ``model`` in eval mode (and, if ``frozen``, with ``requires_grad`` off on every
+    parameter), then restores its training mode and every parameter's flag as they were."""
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()] if frozen else []
+    model.eval()
+    if frozen:
+        model.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for param, flag in zip(model.parameters(), flags, strict=False):
+            param.requires_grad_(flag)
+        model.train(was_training)

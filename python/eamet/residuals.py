@@ -1,36 +1,60 @@
-"""The per-fact residual optimisation (algorithm.md §4): find δ_i so that adding it to block l*'s output
-at the subject's last token makes the model say the new object.
+"""The residual (z) step (algorithm.md §4): find δ_i so that adding it to block l*'s output at the subject's
+last token makes the model say the new object.
 
-Facts run serially, in request order; with the alignment terms on (EAMET) fact i's objective reads the
-saved residuals of facts 0..i-1. MEMIT is the same loop with those terms off (see config.py).
+Facts are optimised in batches of ``config.fact_batch`` (B; 1 is the reference's serial order). A batch is
+one padded set of sequences — each fact's teacher-forced prompts (one per context template) and its
+essence prompt — and one residual row per fact, added by a :class:`ResidualInjector` at that fact's rows.
+The batch's loss is the sum of the facts' own losses, and Adam is element-wise, so each row follows the
+trajectory it would follow alone; each fact stops early and is projected onto its ball on its own.
+
+With the alignment terms on (EAMET) fact i's objective reads the residuals of earlier facts: the saved ones
+of earlier batches and, inside its own batch, what ``config.batch_alignment`` says. MEMIT is the same loop
+with those terms off, so batching it is exact.
+
+Each iteration runs only what δ can change (``config.z_forward="fast"``; eamet.residual_forward): the blocks
+up to l* run once per batch, and logits are computed only at the scored positions.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from eamet.batching import pad_right
+from eamet._progress import progress_bar
 from eamet.config import EditConfig
 from eamet.errors import NonFiniteError
-from eamet.facts import SUBJECT_SLOT, fill
-from eamet.hooks import add_to_output, record_outputs, run_until
 from eamet.keys import PromptSet
-from eamet.losses import alignment_kl, essence_kl, norm_penalty, target_nll, topm_mse
+from eamet.losses import alignment_kl_rows, essence_kl, norm_penalty, topm_mse_rows
 from eamet.parts import ModelParts
+from eamet.residual_forward import FactBatch, FullForward, ResidualInjector, SuffixForward
 from eamet.tokens import TokenAdapter
 
-__all__ = ["FactStats", "KeyNeighborhood", "ResidualOptimizer"]
+if TYPE_CHECKING:
+    from eamet.checkpoint import ResidualCheckpoint
+
+__all__ = [
+    "FactStats",
+    "KeyNeighborhood",
+    "LossTerms",
+    "ResidualOptimizer",
+    "Residuals",
+    "resolve_z_dtype",
+]
 
 
 @dataclass
 class FactStats:
-    """What the optimisation of one fact did (the last evaluated iteration's loss terms)."""
+    """What the optimisation of one fact did (the last evaluated iteration's loss terms).
+
+    ``seconds`` is the fact's share of its batch's time (the batch's time / its number of facts), so the
+    seconds of all facts add up to the residual step's time.
+    """
 
     steps: int
     loss: float
@@ -54,36 +78,126 @@ class KeyNeighborhood:
     """Key-space statistics at l* from the unedited model (§3.4), without an N × N matrix.
 
     Attributes:
-        unit_keys: (N, d_ff) float32 unit-norm keys; row i's cosines to earlier facts are computed when
-            fact i is optimised (O(i·d_ff) once per fact).
+        unit_keys: (N, d_ff) float32 unit-norm keys; a batch's cosines to the facts before it are computed
+            when that batch is optimised (B × N × d_ff once per batch).
         norms: (N,) float32 key norms κ_i.
-        top: (N, M) int64 indices of each fact's top-M key neighbours among earlier facts (-1 padding),
-            from the Rust core (``eamet.neighbors(progressive=True)``).
     """
 
     unit_keys: torch.Tensor
     norms: torch.Tensor
-    top: torch.Tensor
 
-    def cosines(self, i: int) -> torch.Tensor:
-        """(i,) cosines between fact i's key and facts 0..i-1's."""
-        return self.unit_keys[:i] @ self.unit_keys[i]
+    @classmethod
+    def of(cls, keys: torch.Tensor) -> KeyNeighborhood:
+        """From (N, d_ff) keys."""
+        norms = keys.norm(dim=1)
+        return cls(unit_keys=keys / norms.clamp_min(1e-12)[:, None], norms=norms)
+
+    def cosines(self, rows: range, upto: int) -> torch.Tensor:
+        """(len(rows), upto) cosines between the keys of facts ``rows`` and those of facts 0..upto-1."""
+        return self.unit_keys[rows.start : rows.stop] @ self.unit_keys[:upto].T
 
 
 @dataclass
-class _FactBatch:
-    inputs: dict[str, torch.Tensor]
-    inject_at: torch.Tensor  # (B,) fact-token position per row; the last row is the essence prompt
-    target_ids: torch.Tensor  # (Ty,)
-    target_positions: torch.Tensor  # (B-1, Ty)
+class Residuals:
+    """The result of the residual step for N facts: ``deltas`` and ``hidden`` (N, d) float32 — δ_i and
+    h_i, block l*'s output at the fact token of the bare prompt — and one :class:`FactStats` per fact."""
+
+    deltas: torch.Tensor
+    hidden: torch.Tensor
+    stats: list[FactStats]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """(N, d) z_i = h_i + δ_i, what the update must make block l* output."""
+        return self.hidden + self.deltas
+
+
+@dataclass
+class LossTerms:
+    """The objective's terms for the facts of one forward, each (B,); ``total`` is their weighted sum."""
+
+    nll: torch.Tensor
+    essence_kl: torch.Tensor
+    alignment_kl: torch.Tensor
+    topm_mse: torch.Tensor
+    penalty: torch.Tensor
+    total: torch.Tensor
+
+    def of_fact(self, b: int) -> dict[str, float]:
+        """Fact ``b``'s terms as floats, named as in :class:`FactStats`."""
+        return {
+            "loss": float(self.total[b].detach()),
+            "nll": float(self.nll[b].detach()),
+            "essence_kl": float(self.essence_kl[b].detach()),
+            "alignment_kl": float(self.alignment_kl[b].detach()),
+            "topm_mse": float(self.topm_mse[b].detach()),
+            "penalty": float(self.penalty[b].detach()),
+        }
+
+
+def resolve_z_dtype(z_dtype: str, device: torch.device) -> torch.dtype:
+    """The residual step's compute dtype on ``device`` for a ``config.z_dtype`` setting.
+
+    ``auto`` is bfloat16 where it is fast — CUDA devices that support it, CPUs with AMX tiles (there torch's
+    bfloat16 matrix products run several times faster than float32) — and float32 elsewhere (on CPUs
+    without AMX, bfloat16 products measured slower than float32: docs/benchmarks.md).
+    """
+    if z_dtype == "float32":
+        return torch.float32
+    if z_dtype == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# -- the optimiser ----------------------------------------------------------------------------------------
+
+
+def _from_checkpoint(
+    checkpoint: ResidualCheckpoint | None, facts: range
+) -> tuple[torch.Tensor, torch.Tensor, list[FactStats]] | None:
+    """A batch's saved residuals, hidden states and stats, if the checkpoint holds all of its facts."""
+    if checkpoint is None:
+        return None
+    found = [checkpoint.load(i) for i in facts]
+    saved = [f for f in found if f is not None]
+    if len(saved) < len(found):
+        return None
+    return torch.stack([f[0] for f in saved]), torch.stack([f[1] for f in saved]), [f[2] for f in saved]
+
+
+@dataclass
+class _Alignment:
+    """A batch's alignment constants (EAMET): candidates 0..e-1 = the facts up to the batch's end.
+
+    Attributes:
+        key_cos: (B, e) key cosines of each batch fact to every candidate; valid: (B, e) its support.
+        top: (B, M) each fact's top-M key neighbours within its support (0 where ``top_valid`` is false);
+        top_cos: (B, M) their key cosines.
+    """
+
+    key_cos: torch.Tensor
+    valid: torch.Tensor
+    top: torch.Tensor
+    top_cos: torch.Tensor
+    top_valid: torch.Tensor
+
+
+@dataclass
+class _Descent:
+    deltas: torch.Tensor
+    stats: list[dict[str, Any]]
 
 
 class ResidualOptimizer:
-    """Optimises residuals fact by fact.
+    """Optimises the residuals of all facts, batch by batch.
 
     Args:
         model, parts, tokens: the model, its resolved modules and tokenisation.
-        config: the edit settings (layers, losses, optimiser).
+        config: the edit settings (layers, losses, optimiser, batching, dtype).
         prompts: the facts' templated prompts.
         neighborhood: key statistics at l* (needed when the alignment terms are on).
     """
@@ -102,176 +216,308 @@ class ResidualOptimizer:
         self.nbhd = neighborhood
         self.layer = config.layers[-1]
         last = parts.num_layers - 1
-        self.loss_layer = last if config.v_loss_layer is None else min(config.v_loss_layer, last)
+        self.score_layer = last if config.v_loss_layer is None else min(config.v_loss_layer, last)
+        self.device = parts.device
+        self.compute_dtype = resolve_z_dtype(config.z_dtype, self.device)
+        self.align = config.cs_factor > 0 or config.mse_factor > 0
+        kind = SuffixForward if config.z_forward == "fast" else FullForward
+        self._forward: SuffixForward | FullForward = kind(model, parts, self.layer, self.score_layer)
+        self._checked = config.z_forward == "full"  # the fast path is checked on the first batch
 
-    def _batch(self, i: int) -> _FactBatch:
-        fact = self.prompts.facts[i]
-        y = self.tokens.target_ids(fact.target)
-        seqs, inject, positions = [], [], []
-        for template, enc in zip(self.prompts.templates, self.prompts.encoded[i], strict=True):
-            if self.config.teacher_forcing == "ids":
-                # Prompt ids ⊕ target ids: the logits at the last prompt token and after predict y_1..y_T.
-                ids = enc.ids + y[:-1]
-            else:
-                # The reference: re-tokenise prompt text ⊕ decoded target prefix, score the last T positions.
-                text = fill(template.replace(SUBJECT_SLOT, fact.prompt, 1), fact.subject)
-                ids = self.tokens.encode(text + self.tokens.continuation_text(fact.target, y[:-1]))
-            seqs.append(ids)
-            inject.append(enc.fact_index)
-            positions.append(list(range(len(ids) - len(y), len(ids))))
-        essence = self.tokens.prompt(self.config.essence_prompt, fact.subject, self.config.fact_token)
-        seqs.append(essence.ids)
-        inject.append(essence.fact_index)
-        device = self.parts.device
-        return _FactBatch(
-            inputs=pad_right(seqs, self.tokens.pad_id, device),
-            inject_at=torch.tensor(inject, device=device),
-            target_ids=torch.tensor(y, device=device),
-            target_positions=torch.tensor(positions, device=device),
-        )
+    # -- all facts -------------------------------------------------------------------------------------
 
-    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.loss_layer == self.parts.num_layers - 1:
-            return self.model(**inputs).logits  # type: ignore[no-any-return]
-        # An earlier scoring block: final norm + unembedding applied to its output, as the reference does.
-        store: dict[str, torch.Tensor] = {}
-        with record_outputs({"h": self.parts.block(self.loss_layer)}, store):
-            run_until(self.model, self.parts.block(self.loss_layer), **inputs)
-        out: torch.Tensor = self.parts.unembed(self.parts.final_norm(store["h"]))
-        return out
+    def run(self, checkpoint: ResidualCheckpoint | None = None, *, progress: bool = True) -> Residuals:
+        """Optimises every fact in batches of ``config.fact_batch``, saving each finished batch to
+        ``checkpoint`` (and reusing the batches it already holds)."""
+        n, d = len(self.prompts.facts), self.parts.hidden_dim(self.layer)
+        deltas = torch.zeros((n, d), device=self.device)
+        hidden = torch.zeros((n, d), device=self.device)
+        stats: list[FactStats] = []
+        size = self.config.fact_batch
+        with progress_bar(
+            total=n, desc=f"{self.config.method} residuals", unit="fact", enabled=progress
+        ) as bar:
+            for start in range(0, n, size):
+                facts = range(start, min(start + size, n))
+                found = _from_checkpoint(checkpoint, facts)
+                if found is not None:
+                    batch_d, batch_h, batch_stats = found
+                else:
+                    with torch.enable_grad():
+                        batch_d, batch_h, batch_stats = self.optimize(facts, deltas[:start])
+                    if checkpoint is not None:
+                        for i, dv, hv, st in zip(facts, batch_d, batch_h, batch_stats, strict=True):
+                            checkpoint.save(i, dv, hv, st)
+                deltas[facts.start : facts.stop] = batch_d.to(self.device)
+                hidden[facts.start : facts.stop] = batch_h.to(self.device)
+                stats.extend(batch_stats)
+                bar.update(len(facts))
+                last = batch_stats[-1]
+                bar.set_postfix(loss=f"{last.loss:.3f}", nll=f"{last.nll:.3f}", refresh=False)
+        return Residuals(deltas=deltas, hidden=hidden, stats=stats)
 
-    def optimize(self, i: int, saved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, FactStats]:
-        """Optimises fact i's residual.
+    # -- one batch -------------------------------------------------------------------------------------
+
+    def optimize(
+        self, facts: range, saved: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, list[FactStats]]:
+        """Optimises the residuals of the consecutive facts ``facts`` (one batch).
 
         Args:
-            i: the fact's index (its position in the editing order).
-            saved: (i, d) float32 residuals of facts 0..i-1 (read only when the alignment terms are on).
+            facts: the facts' indices (their positions in the editing order).
+            saved: (facts.start, d) float32 residuals of the facts before the batch (read only when the
+                alignment terms are on).
 
         Returns:
-            ``(delta, h, stats)``: δ_i (d,) float32, h_i (d,) float32 — block l*'s output at the fact
-            token of the bare prompt — and the run's :class:`FactStats`. Both vectors detached.
+            ``(deltas, h, stats)``: (B, d) float32 residuals δ, (B, d) float32 hidden states h — block
+            l*'s output at the fact token of each bare prompt — and one :class:`FactStats` per fact.
         """
+        start_time = time.perf_counter()
+        batch = FactBatch.build(self.tokens, self.prompts, facts, self.config, self.device)
+        cache = self._forward.prepare(batch)
+        h = self._forward.bare_hidden(batch, cache)
+        key_norms = self.nbhd.norms[facts.start : facts.stop].float()
+        h_norms = h.norm(dim=1)
+        init = self._initial(h, h_norms, key_norms)
+        radius = self._radius(key_norms, h_norms)
+        alignment = self._alignment(facts) if self.align and facts.stop > 1 else None
+        if not self._checked:
+            self._check_fast_path(batch, cache, init)
+        mode = self.config.batch_alignment if len(facts) > 1 else "current"
+        descent = self._descend(facts, batch, cache, saved, alignment, init, h_norms, key_norms, radius, None)
+        if alignment is not None and mode == "second_pass":
+            descent = self._descend(
+                facts, batch, cache, saved, alignment, init, h_norms, key_norms, radius, descent.deltas
+            )
+        seconds = (time.perf_counter() - start_time) / len(facts)
+        stats = [
+            FactStats(
+                **row,
+                delta_norm=float(descent.deltas[b].norm()),
+                radius=float(radius[b]),
+                h_norm=float(h_norms[b]),
+                key_norm=float(key_norms[b]),
+                seconds=seconds,
+            )
+            for b, row in enumerate(descent.stats)
+        ]
+        return descent.deltas, h, stats
+
+    def _descend(
+        self,
+        facts: range,
+        batch: FactBatch,
+        cache: dict[int, Any],
+        saved: torch.Tensor,
+        alignment: _Alignment | None,
+        init: torch.Tensor,
+        h_norms: torch.Tensor,
+        key_norms: torch.Tensor,
+        radius: torch.Tensor,
+        first_pass: torch.Tensor | None,
+    ) -> _Descent:
+        """Adam on the batch's residual rows until each fact stops; ``first_pass`` (B, d): in-batch
+        alignment candidates from a previous pass (``second_pass``)."""
         cfg = self.config
-        start = time.perf_counter()
-        batch = self._batch(i)
-        rows = torch.arange(batch.inject_at.shape[0], device=batch.inject_at.device)
-        key_norm = float(self.nbhd.norms[i])
-        align = i > 0 and (cfg.cs_factor > 0 or cfg.mse_factor > 0)
-        if align:
-            key_cos = self.nbhd.cosines(i)
-            top = self.nbhd.top[i]
-            top = top[top >= 0]
-            key_cos_top = key_cos[top]
-            saved_top = saved[top]
-
-        delta = torch.zeros(self.parts.hidden_dim(self.layer), device=self.parts.device, requires_grad=True)
-        state: dict[str, Any] = {"h": None, "off": False}
-
-        def inject(hidden: torch.Tensor) -> torch.Tensor:
-            if state["off"]:
-                return hidden
-            if state["h"] is None:  # first forward: record h and place δ₀ (the reference does it here too)
-                h = hidden[0, batch.inject_at[0]].detach().float()
-                state["h"] = h
-                h_norm = float(h.norm())
-                if cfg.delta_init == "target_init" and h_norm < cfg.target_init_max_norm and h_norm > 0:
-                    with torch.no_grad():
-                        delta.copy_(h * (key_norm / h_norm))
-            add = delta.to(hidden.dtype).expand(rows.shape[0], -1)
-            return hidden.index_put((rows, batch.inject_at), add, accumulate=True)
-
+        size = len(facts)
+        delta = init.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
-        anchor: torch.Tensor | None = None
-        terms: dict[str, float] = {}
-        steps = 0
-        radius = math.inf
-        h_norm = 0.0
-        with add_to_output(self.parts.block(self.layer), inject):
-            for it in range(cfg.v_num_grad_steps):
-                optimizer.zero_grad(set_to_none=True)
-                logits = self._logits(batch.inputs)
-                n_tf, n_y = batch.target_positions.shape
-                # Log-softmax only where a target token is scored: (n_tf, Ty, V), not (n_tf, T, V).
-                scored = logits[torch.arange(n_tf, device=logits.device)[:, None], batch.target_positions]
-                log_probs = torch.log_softmax(scored.float(), dim=-1)
-                nll = target_nll(log_probs, batch.target_ids, self._arange(n_y).expand(n_tf, n_y))
-                ess = torch.log_softmax(logits[n_tf, batch.inject_at[n_tf]].float(), dim=-1)
+        active = torch.ones(size, dtype=torch.bool, device=self.device)
+        final = init.clone()
+        steps = [0] * size
+        stats: list[dict[str, Any]] = [{} for _ in range(size)]
+        # The essence-KL anchor: iteration 0's distributions (with δ₀: the reference's EAMET behaviour), or
+        # the unedited model's, which differ only where δ₀ ≠ 0.
+        anchor = self._unedited_anchor(batch, cache, init) if cfg.kl_anchor == "unedited" else None
+        anchor_from_first = anchor is None
+        # The residuals the batch aligns against (e, d): the saved ones of earlier facts, copied once, then
+        # the batch's own rows, refreshed at every iteration.
+        candidates = None
+        if alignment is not None:
+            candidates = torch.empty((facts.stop, delta.shape[1]), device=self.device)
+            candidates[: facts.start] = saved[: facts.start]
+        for it in range(cfg.v_num_grad_steps):
+            optimizer.zero_grad(set_to_none=True)
+            if candidates is not None:
+                # The batch's own rows: their current iterates (detached), or a first pass's results.
+                candidates[facts.start :] = first_pass if first_pass is not None else delta.detach()
+            stopping = torch.zeros_like(active)
+            for chunk in self._chunks(active.nonzero()[:, 0], batch):
+                sub, rows = batch.select(chunk)
+                inject = ResidualInjector(delta[chunk], sub.fact_of_row, sub.inject_at)
+                log_probs, ess = self._forward.log_probs(sub, cache, rows, inject, self.compute_dtype)
                 if anchor is None:
-                    h_norm = float(state["h"].norm())
-                    radius = self._radius(key_norm, h_norm)
-                    # Iteration 0's essence distribution already holds δ₀: the reference's EAMET anchor.
-                    # "unedited" asks for the model without δ, which differs only when δ₀ ≠ 0.
-                    anchor = ess.detach()
-                    if cfg.kl_anchor == "unedited" and float(delta.detach().norm()) > 0:
-                        state["off"] = True
-                        try:
-                            anchor = self._essence_log_probs(batch)
-                        finally:
-                            state["off"] = False
-                kl = essence_kl(ess, anchor)
-                penalty = norm_penalty(
-                    delta,
-                    cfg.norm_penalty,
-                    cfg.norm_penalty_factor,
-                    h_norm=max(h_norm, 1e-12),
-                    key_radius=cfg.clamp_factor * key_norm,
+                    anchor = ess.new_zeros((size, ess.shape[1]))
+                if it == 0 and anchor_from_first:
+                    anchor[chunk] = ess.detach()
+                terms = self._terms(
+                    chunk, sub, delta, log_probs, ess, anchor, h_norms, key_norms, alignment, candidates
                 )
-                loss = nll + cfg.kl_factor * kl + penalty
-                a_kl = a_mse = delta.new_zeros(())
-                if align:
-                    a_kl = alignment_kl(delta, saved, key_cos, cfg.tau, cfg.eps)
-                    a_mse = topm_mse(delta, saved_top, key_cos_top, cfg.tau) if top.numel() else a_mse
-                    loss = loss + cfg.cs_factor * a_kl + cfg.mse_factor * a_mse
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    raise NonFiniteError(f"fact {i}: the loss became {loss_value} at iteration {it}", row=i)
-                terms = {
-                    "loss": loss_value,
-                    "nll": float(nll.detach()),
-                    "essence_kl": float(kl.detach()),
-                    "alignment_kl": float(a_kl.detach()),
-                    "topm_mse": float(a_mse.detach()),
-                    "penalty": float(penalty.detach()),
-                }
-                if it >= cfg.early_stop_from and loss_value < cfg.early_stop_loss:
-                    break
-                if it == cfg.v_num_grad_steps - 1:
-                    break
-                loss.backward()  # type: ignore[no-untyped-call]
-                optimizer.step()
-                steps += 1
-                with torch.no_grad():
-                    norm = float(delta.norm())
-                    if norm > radius:
-                        delta.mul_(radius / norm)
-        h = state["h"]
-        assert h is not None
-        stats = FactStats(
-            steps=steps,
-            delta_norm=float(delta.detach().norm()),
-            radius=radius,
-            h_norm=h_norm,
-            key_norm=key_norm,
-            seconds=time.perf_counter() - start,
-            **terms,
+                totals = terms.total.detach()
+                done = self._stops(it, totals)
+                for k, b in enumerate(chunk.tolist()):
+                    value = float(totals[k])
+                    if not math.isfinite(value):
+                        raise NonFiniteError(
+                            f"fact {facts.start + b}: the loss became {value} at iteration {it}",
+                            row=facts.start + b,
+                        )
+                    stats[b] = terms.of_fact(k)
+                stopping[chunk[done]] = True
+                keep = ~done
+                if bool(keep.any()):
+                    terms.total[keep].sum().backward()  # type: ignore[no-untyped-call]
+            with torch.no_grad():
+                final[stopping] = delta[stopping]
+            active &= ~stopping
+            if not bool(active.any()):
+                break
+            optimizer.step()
+            with torch.no_grad():
+                delta[~active] = final[~active]  # finished rows stay where they stopped
+                norms = delta.norm(dim=1)
+                over = active & (norms > radius)
+                delta[over] *= (radius[over] / norms[over])[:, None]
+            for b in active.nonzero()[:, 0].tolist():
+                steps[b] += 1
+        for b in range(size):
+            stats[b]["steps"] = steps[b]
+        return _Descent(deltas=final.detach(), stats=stats)
+
+    def _stops(self, it: int, totals: torch.Tensor) -> torch.Tensor:
+        """(B,) which facts stop at iteration ``it``: the last iteration takes no step; from
+        ``early_stop_from`` on, a loss below ``early_stop_loss`` ends a fact's optimisation."""
+        cfg = self.config
+        if it == cfg.v_num_grad_steps - 1:
+            return torch.ones_like(totals, dtype=torch.bool)
+        if it >= cfg.early_stop_from:
+            return totals < cfg.early_stop_loss
+        return torch.zeros_like(totals, dtype=torch.bool)
+
+    def _terms(
+        self,
+        chunk: torch.Tensor,
+        sub: FactBatch,
+        delta: torch.Tensor,
+        log_probs: torch.Tensor,
+        ess: torch.Tensor,
+        anchor: torch.Tensor,
+        h_norms: torch.Tensor,
+        key_norms: torch.Tensor,
+        alignment: _Alignment | None,
+        candidates: torch.Tensor | None,
+    ) -> LossTerms:
+        cfg = self.config
+        rows = delta[chunk]
+        n_t = sub.n_templates
+        picked = log_probs.gather(2, sub.target_ids.repeat_interleave(n_t, dim=0)[:, :, None])[:, :, 0]
+        mask = sub.target_mask.repeat_interleave(n_t, dim=0)
+        per_row = -(picked * mask).sum(dim=1) / mask.sum(dim=1)
+        nll = per_row.view(-1, n_t).mean(dim=1)
+        kl = essence_kl(ess, anchor[chunk])
+        penalty = norm_penalty(
+            rows,
+            cfg.norm_penalty,
+            cfg.norm_penalty_factor,
+            h_norm=h_norms[chunk].clamp_min(1e-12),
+            key_radius=cfg.clamp_factor * key_norms[chunk],
         )
-        return delta.detach().clone(), h.clone(), stats
+        a_kl = a_mse = torch.zeros_like(nll)
+        if alignment is not None and candidates is not None:
+            a_kl = alignment_kl_rows(
+                rows, candidates, alignment.key_cos[chunk], alignment.valid[chunk], cfg.tau, cfg.eps
+            )
+            a_mse = topm_mse_rows(
+                rows,
+                candidates[alignment.top[chunk]],
+                alignment.top_cos[chunk],
+                alignment.top_valid[chunk],
+                cfg.tau,
+            )
+        total = nll + cfg.kl_factor * kl + penalty + cfg.cs_factor * a_kl + cfg.mse_factor * a_mse
+        return LossTerms(
+            nll=nll, essence_kl=kl, alignment_kl=a_kl, topm_mse=a_mse, penalty=penalty, total=total
+        )
 
-    def _arange(self, n: int) -> torch.Tensor:
-        return torch.arange(n, device=self.parts.device)
+    def _chunks(self, facts: torch.Tensor, batch: FactBatch) -> list[torch.Tensor]:
+        budget = self.config.z_chunk_tokens
+        if budget is None or len(facts) <= 1:
+            return [facts]
+        width = int(batch.inputs["input_ids"].shape[1])
+        per_fact = (batch.n_templates + 1) * width
+        size = max(1, budget // per_fact)
+        return [facts[i : i + size] for i in range(0, len(facts), size)]
 
-    def _radius(self, key_norm: float, h_norm: float) -> float:
+    # -- pieces ----------------------------------------------------------------------------------------
+
+    def _initial(self, h: torch.Tensor, h_norms: torch.Tensor, key_norms: torch.Tensor) -> torch.Tensor:
+        """δ₀ per fact (§4.2): ``target_init`` points along h with the key's length when 0 < ‖h‖ < the
+        reference's threshold; otherwise zero."""
+        init = torch.zeros_like(h)
+        if self.config.delta_init == "target_init":
+            use = (h_norms > 0) & (h_norms < self.config.target_init_max_norm)
+            init[use] = h[use] * (key_norms[use] / h_norms[use])[:, None]
+        return init
+
+    def _radius(self, key_norms: torch.Tensor, h_norms: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if cfg.clamp == "key_norm":
-            return cfg.clamp_factor * key_norm
+            return cfg.clamp_factor * key_norms
         if cfg.clamp == "hidden_norm":
-            return cfg.clamp_factor * h_norm
-        return math.inf
+            return cfg.clamp_factor * h_norms
+        return torch.full_like(key_norms, math.inf)
 
     @torch.no_grad()
-    def _essence_log_probs(self, batch: _FactBatch) -> torch.Tensor:
-        row = batch.inputs["input_ids"].shape[0] - 1
-        length = int(batch.inputs["attention_mask"][row].sum())
-        single = {k: v[row : row + 1, :length] for k, v in batch.inputs.items()}
-        logits = self._logits(single)
-        return torch.log_softmax(logits[0, batch.inject_at[row]].float(), dim=-1)
+    def _alignment(self, facts: range) -> _Alignment:
+        """Key cosines of the batch's facts to every fact up to its end, their supports and top-M sets."""
+        cfg = self.config
+        end = facts.stop
+        key_cos = self.nbhd.cosines(facts, end)
+        own = torch.arange(facts.start, end, device=self.device)[:, None]
+        candidate = torch.arange(end, device=self.device)[None, :]
+        # A fact's support: every earlier fact, or (``none``) only those of earlier batches.
+        limit = own if cfg.batch_alignment != "none" else torch.full_like(own, facts.start)
+        valid = candidate < limit
+        m = min(cfg.top_m, end)
+        top_cos, top = key_cos.masked_fill(~valid, float("-inf")).topk(m, dim=1)
+        top_valid = torch.isfinite(top_cos)
+        return _Alignment(
+            key_cos=key_cos,
+            valid=valid,
+            top=top.masked_fill(~top_valid, 0),
+            top_cos=top_cos.masked_fill(~top_valid, 0.0),
+            top_valid=top_valid,
+        )
+
+    @torch.no_grad()
+    def _unedited_anchor(
+        self, batch: FactBatch, cache: dict[int, Any], init: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The essence distributions without any residual (``kl_anchor="unedited"``), or ``None`` when
+        δ₀ = 0 for every fact (then iteration 0 is the unedited model and gives them)."""
+        if not bool(init.any()):
+            return None
+        sub, rows = batch.select(torch.arange(batch.size, device=self.device))
+        zero = ResidualInjector(torch.zeros_like(init), sub.fact_of_row, sub.inject_at)
+        return self._forward.log_probs(sub, cache, rows, zero, self.compute_dtype)[1]
+
+    @torch.no_grad()
+    def _check_fast_path(self, batch: FactBatch, cache: dict[int, Any], init: torch.Tensor) -> None:
+        """Compares the fast path's scores with the whole model's on the first batch (float32); on a
+        mismatch (an ArchSpec whose final norm and unembedding do not give the model's logits) warns and
+        uses the whole model from then on."""
+        self._checked = True
+        sub, rows = batch.select(torch.arange(batch.size, device=self.device))
+        inject = ResidualInjector(init, sub.fact_of_row, sub.inject_at)
+        full_forward = FullForward(self.model, self.parts, self.layer, self.score_layer)
+        fast = self._forward.log_probs(sub, cache, rows, inject, torch.float32)
+        full = full_forward.log_probs(sub, {}, rows, inject, torch.float32)
+        worst = max(float((a - b).abs().max()) for a, b in zip(fast, full, strict=True))
+        if not worst <= 1e-3:
+            warnings.warn(
+                "the residual step's fast path differs from the whole model's log-probabilities by "
+                f"{worst:.3g} on {self.parts.model_type}; running the whole model at every iteration instead "
+                "(z_forward='full'). Check the ArchSpec's final_norm and unembed paths.",
+                stacklevel=4,
+            )
+            self._forward = full_forward

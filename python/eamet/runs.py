@@ -21,30 +21,27 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from eamet.config import METHODS
 from eamet.errors import ParameterError
+from eamet.metrics import RATE_KEYS
 
-__all__ = ["RATE_KEYS", "format_table", "run_demo", "run_edits"]
+__all__ = ["RATE_KEYS", "ApplyEdit", "compare_edits", "format_table", "run_demo", "run_edits"]
 
-RATE_KEYS = (
-    "efficacy_strict",
-    "efficacy_lenient",
-    "generalization_strict",
-    "generalization_lenient",
-    "specificity_strict",
-    "specificity_lenient",
-)
 QUICK_EDITS = 32
 DEFAULT_DEMO_EDITS = 256
 
 
-def run_edits(
+# Applies one edit to the model and returns it (applied, so it can be undone) with the seconds it took
+# (None when the edit was made elsewhere, e.g. loaded from a file).
+ApplyEdit = Callable[[], tuple[Any, float | None]]
+
+
+def compare_edits(
     model: Any,
     tokenizer: Any,
     cases: Sequence[Any],
+    edits: Sequence[tuple[str, ApplyEdit]],
     *,
-    methods: Sequence[str],
-    config_for: Callable[[Any, str], Any],
-    corpus: Any,
     prefix_len: int,
     seed: int,
     fluency: bool,
@@ -52,26 +49,22 @@ def run_edits(
     log: Callable[[str], None],
     extra_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluates ``model`` on ``cases``, then for each method: edits every case's rewrite, evaluates, undoes.
+    """The before/after protocol: evaluates ``model`` on ``cases``, then for each named edit: applies it,
+    evaluates, undoes it (also on failure or Ctrl-C, so the model is left as it was).
 
     Args:
-        cases: N :class:`~eamet.records.EditCase`; all N are edited and evaluated.
-        methods: "eamet" and/or "memit", in order.
-        config_for: ``(model, method) -> EditConfig``.
-        corpus: the corpus for C (see :class:`~eamet.editor.Editor`).
+        cases: N :class:`~eamet.records.EditCase`, all evaluated.
+        edits: ``(name, apply)`` pairs, in order; ``apply()`` edits the model and returns the applied
+            :class:`~eamet.results.EditResult` and its seconds (or ``None``).
 
     Returns:
-        The run's JSON (module docstring). The model is left unedited.
+        The run's JSON (module docstring); ``config`` records each edit's settings as ``<name>_config``.
     """
-    from eamet.editor import Editor
     from eamet.evaluation import evaluate, evaluation_prefixes
     from eamet.tokens import TokenAdapter
 
     if not cases:
         raise ParameterError("no edit cases to run")
-    unknown = [m for m in methods if m not in ("eamet", "memit")]
-    if unknown or not methods:
-        raise ParameterError(f"methods must be among eamet, memit; got {list(methods)}", argument="methods")
     prefixes = evaluation_prefixes(model, TokenAdapter(tokenizer), prefix_len, seed=seed)
 
     def measure() -> dict[str, Any]:
@@ -90,7 +83,7 @@ def run_edits(
     out: dict[str, Any] = {
         "config": {
             "edits": len(cases),
-            "methods": list(methods),
+            "methods": [name for name, _ in edits],
             "prefix_len": prefix_len,
             "prefixes": list(prefixes),
             "seed": seed,
@@ -99,32 +92,83 @@ def run_edits(
         "before": measure(),
         "results": {},
     }
-    for method in methods:
-        config = config_for(model, method)
-        out["config"][f"{method}_config"] = config.to_dict()
-        log(f"editing {len(cases)} facts with {method} (blocks {list(config.layers)})")
-        editor = Editor(model, tokenizer, config=config, corpus=corpus)
-        # C depends only on the model and corpus, so the second method loads the first one's from the cache:
-        # collect it outside the timing to compare the methods' own work.
-        editor.covariance(progress=progress)
-        start = time.perf_counter()
-        result = editor.edit([case.rewrite for case in cases], progress=progress)
+    for name, apply in edits:
+        result, seconds = apply()
         try:
-            seconds = time.perf_counter() - start
+            out["config"][f"{name}_config"] = result.config.to_dict()
             metrics = measure()
             report = result.misalignment
             metrics["misalignment_total"] = float(report.total) if report is not None else None
             metrics["edit_seconds"] = seconds
         finally:
-            result.undo()  # also on failure or Ctrl-C: the model is left as it was
-        out["results"][method] = metrics
+            result.undo()
+        out["results"][name] = metrics
     return out
+
+
+def run_edits(
+    model: Any,
+    tokenizer: Any,
+    cases: Sequence[Any],
+    *,
+    methods: Sequence[str],
+    config_for: Callable[[Any, str], Any],
+    corpus: Any,
+    prefix_len: int,
+    seed: int,
+    fluency: bool,
+    progress: bool,
+    log: Callable[[str], None],
+    extra_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`compare_edits` of each method editing every case's rewrite into the unedited model.
+
+    Args:
+        methods: "eamet" and/or "memit", in order.
+        config_for: ``(model, method) -> EditConfig``.
+        corpus: the corpus for C (see :class:`~eamet.editor.Editor`).
+        Others: as :func:`compare_edits`.
+    """
+    from eamet.editor import Editor
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ParameterError(
+            f"methods must be among {', '.join(METHODS)}; got {list(methods)}", argument="methods"
+        )
+
+    def by(method: str) -> ApplyEdit:
+        def apply() -> tuple[Any, float | None]:
+            config = config_for(model, method)
+            log(f"editing {len(cases)} facts with {method} (blocks {list(config.layers)})")
+            editor = Editor(model, tokenizer, config=config, corpus=corpus)
+            # C depends only on the model and corpus, so the second method loads the first one's from the
+            # cache: collect it outside the timing to compare the methods' own work.
+            editor.covariance(progress=progress)
+            start = time.perf_counter()
+            result = editor.edit([case.rewrite for case in cases], progress=progress)
+            return result, time.perf_counter() - start
+
+        return apply
+
+    return compare_edits(
+        model,
+        tokenizer,
+        cases,
+        [(method, by(method)) for method in methods],
+        prefix_len=prefix_len,
+        seed=seed,
+        fluency=fluency,
+        progress=progress,
+        log=log,
+        extra_config=extra_config,
+    )
 
 
 def run_demo(
     *,
     edits: int | None = None,
-    methods: Sequence[str] = ("eamet", "memit"),
+    methods: Sequence[str] = METHODS,
     data: str | Path | None = None,
     records: int | None = None,
     quick: bool = False,
@@ -134,6 +178,7 @@ def run_demo(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sandbox demo: the default world's pocket model (or a world built from a CounterFact file),
     evaluated before editing, then edited with each method from the same unedited weights.
@@ -143,6 +188,7 @@ def run_demo(
         data: a CounterFact JSON file (ROME or EasyEdit form) to build the world from instead.
         records: how many of its records to use (default all).
         arch: the pocket model's architecture, "llama" or "gpt2" (the shipped model is LLaMA).
+        overrides: :class:`~eamet.config.EditConfig` settings for both methods (e.g. ``fact_batch``).
 
     Returns:
         The run's JSON (module docstring).
@@ -173,7 +219,7 @@ def run_demo(
         tokenizer,
         list(world.cases[:n]),
         methods=methods,
-        config_for=lambda m, method: edit_config(m, method),  # type: ignore[arg-type]
+        config_for=lambda m, method: edit_config(m, method, **(overrides or {})),  # type: ignore[arg-type]
         corpus=world_corpus(world),
         prefix_len=prefix_len,
         seed=seed,

@@ -17,14 +17,13 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, get_args
 
+from eamet.choices import BosPolicy, FactToken
 from eamet.errors import FactError, ParameterError
 from eamet.facts import SUBJECT_SLOT, fill
 
 __all__ = ["TokenAdapter"]
-
-FactToken = Literal["subject_last", "subject_first", "subject_first_after_last"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,7 @@ class TokenAdapter:
         bos: ``"native"`` (prepend what the tokenizer prepends by itself), ``"always"`` or ``"never"``.
     """
 
-    def __init__(self, tokenizer: Any, bos: Literal["native", "always", "never"] = "native") -> None:
+    def __init__(self, tokenizer: Any, bos: BosPolicy = "native") -> None:
         self.tokenizer = tokenizer
         self._fingerprint: str | None = None
         self.native_prefix = self._probe_prefix()
@@ -56,7 +55,8 @@ class TokenAdapter:
         elif bos == "never":
             self.prefix = []
         else:
-            raise ParameterError(f"bos must be 'native', 'always' or 'never', got {bos!r}", argument="bos")
+            allowed = ", ".join(map(repr, get_args(BosPolicy)))
+            raise ParameterError(f"bos must be one of {allowed}, got {bos!r}", argument="bos")
         self.bos = bos
         self.lone_space_piece = self._probe_lone_space()
         self.dummy_prefix = self._probe_dummy_prefix()

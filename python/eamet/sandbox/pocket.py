@@ -21,14 +21,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from eamet._files import cache_dir as cache_dir_for
 from eamet._files import read_checked_dir, write_checked_dir
+from eamet._progress import progress_bar
 from eamet.batching import pad_right
+from eamet.choices import Method, PocketArch
 from eamet.errors import CacheError, ParameterError
 from eamet.evaluation import score_targets
 from eamet.facts import SUBJECT_SLOT, fill
@@ -48,8 +50,6 @@ __all__ = [
     "train_tokenizer",
     "world_corpus",
 ]
-
-Arch = Literal["llama", "gpt2"]
 
 # The default world: 1024 subjects × 4 relations = 4096 facts and edit cases, so that the number of
 # edits can run to 8× the edited layer's d_ff (512).
@@ -85,7 +85,7 @@ class PocketSettings:
         seed: seeds initialisation, shuffling and prefixes.
     """
 
-    arch: Arch = "llama"
+    arch: PocketArch = "llama"
     hidden: int = 128
     ffn: int = 512
     layers: int = 4
@@ -102,8 +102,9 @@ class PocketSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llama", "gpt2"):
-            raise ParameterError(f"arch must be 'llama' or 'gpt2', got {self.arch!r}", argument="arch")
+        if self.arch not in get_args(PocketArch):
+            allowed = ", ".join(map(repr, get_args(PocketArch)))
+            raise ParameterError(f"arch must be one of {allowed}, got {self.arch!r}", argument="arch")
         for name in ("hidden", "ffn", "layers", "heads", "max_epochs", "batch_size", "check_every"):
             if getattr(self, name) < 1:
                 raise ParameterError(f"{name} must be >= 1, got {getattr(self, name)}", argument=name)
@@ -342,12 +343,9 @@ def train_pocket(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     history: list[tuple[int, float, float | None]] = []
     reached = 0.0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=settings.max_epochs, desc="training pocket model", unit="epoch", leave=False)
-    try:
+    with progress_bar(
+        total=settings.max_epochs, desc="training pocket model", unit="epoch", enabled=progress, leave=False
+    ) as bar:
         epoch = 0
         for epoch in range(1, settings.max_epochs + 1):
             model.train()
@@ -374,14 +372,10 @@ def train_pocket(
                 model.eval()
                 measured = reached = recall(model, tokenizer, world)
             history.append((epoch, total_loss / steps_per_epoch, measured))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{total_loss / steps_per_epoch:.3f}", recall=f"{reached:.3f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{total_loss / steps_per_epoch:.3f}", recall=f"{reached:.3f}")
             if measured is not None and measured >= settings.target_recall:
                 break
-    finally:
-        if bar is not None:
-            bar.close()
     model.eval()
     report = TrainingReport(reached, epoch, time.perf_counter() - start, tuple(history))
     return model, tokenizer, report
@@ -395,7 +389,7 @@ def train_pocket(
 POCKET_LAMBDA = 50.0
 
 
-def edit_config(model: nn.Module, method: Literal["eamet", "memit"] = "eamet", **overrides: Any) -> Any:
+def edit_config(model: nn.Module, method: Method = "eamet", **overrides: Any) -> Any:
     """The :class:`~eamet.config.EditConfig` used on pocket models: the method's reference settings
     (``EditConfig.for_model``) on blocks 0 and 1 with λ = ``POCKET_LAMBDA`` per layer, C over 4000 lines
     of the world's text, and the same residual budget for both methods: ‖δ‖ ≤ 0.75 ‖h‖ (MEMIT's rule).

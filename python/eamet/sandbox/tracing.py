@@ -21,7 +21,7 @@ from torch import nn
 from eamet.arch import arch_for
 from eamet.errors import ParameterError
 from eamet.hooks import add_to_output, record_outputs
-from eamet.parts import ModelParts
+from eamet.parts import ModelParts, eval_mode
 from eamet.sandbox.world import World
 from eamet.tokens import TokenAdapter
 
@@ -106,11 +106,9 @@ def trace_subject(
         raise ParameterError(f"phrasing must be in 0..{shortest - 1}, got {phrasing}", argument="phrasing")
     pairs = _pairs(world, n_pairs, seed)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     moved = [0] * len(blocks)
     kept = [0] * len(blocks)
-    try:
+    with eval_mode(model):
         for a, b in pairs:
             template = world.relation(a.relation).phrasings[phrasing]
             enc_a, enc_b = tokens.prompt(template, a.subject), tokens.prompt(template, b.subject)
@@ -126,8 +124,6 @@ def trace_subject(
                 answer = _answer_with_swap(model, parts, layer, ids_a, enc_a.fact_index, states_b[i])
                 moved[i] += answer == wanted_b
                 kept[i] += answer == wanted_a
-    finally:
-        model.train(was_training)
     n = len(pairs)
     return SubjectTrace(blocks, [m / n for m in moved], [k / n for k in kept], phrasing, n)
 

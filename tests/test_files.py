@@ -1,0 +1,69 @@
+"""eamet._files: the cache root, atomic writes and directories that prove their own contents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eamet._files import (
+    atomic_write,
+    cache_dir,
+    cache_root,
+    read_checked_dir,
+    sha256_file,
+    write_checked_dir,
+)
+from eamet.errors import CacheError
+
+
+def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EAMET_CACHE_DIR", str(tmp_path))
+    assert cache_root() == tmp_path and cache_dir("stats") == tmp_path / "stats"
+    assert cache_dir("stats", tmp_path / "mine") == tmp_path / "mine"
+    monkeypatch.delenv("EAMET_CACHE_DIR")
+    assert cache_root() == Path.home() / ".cache" / "eamet"
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path: Path) -> None:
+    target = tmp_path / "sub" / "file.txt"
+    atomic_write(target, lambda tmp: tmp.write_text("old"))
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, fail)
+    assert target.read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["file.txt"]  # no temporary left behind
+
+
+def test_checked_dir_round_trip_and_damage(tmp_path: Path) -> None:
+    def fill(staging: Path) -> dict[str, object]:
+        (staging / "a.bin").write_bytes(b"\x00\x01\x02")
+        (staging / "b.txt").write_text("hello")
+        return {"key": "k1"}
+
+    entry = write_checked_dir(tmp_path / "entry", fill, "manifest.json")
+    manifest = read_checked_dir(entry, "manifest.json", required=("a.bin",))
+    assert manifest["key"] == "k1" and manifest["files"]["a.bin"] == sha256_file(entry / "a.bin")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # staging renamed into place
+
+    def refuse(found: dict[str, object]) -> None:
+        raise CacheError("other key")
+
+    with pytest.raises(CacheError, match="other key"):
+        read_checked_dir(entry, "manifest.json", check=refuse)
+    with pytest.raises(CacheError, match=r"lists no c\.bin"):
+        read_checked_dir(entry, "manifest.json", required=("c.bin",))
+    (entry / "a.bin").write_bytes(b"\x00\x01\x03")
+    with pytest.raises(CacheError, match=r"a\.bin"):
+        read_checked_dir(entry, "manifest.json")
+    (entry / "manifest.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(CacheError, match="not a valid manifest"):
+        read_checked_dir(entry, "manifest.json")
+    # Rewriting replaces the damaged entry whole.
+    write_checked_dir(entry, fill, "manifest.json")
+    read_checked_dir(entry, "manifest.json")
