@@ -308,6 +308,13 @@ def test_bfloat16(tiny: Tiny) -> None:
     assert manifest["conversion"]["dtype"] == "float32"  # the cache keeps full precision
 
 
+def test_an_explicit_cache_dir(tiny: Tiny, tmp_path: Path) -> None:
+    model, _ = eamet.models.load(tiny.known, device="cpu", cache_dir=tmp_path / "elsewhere", progress=False)
+    assert model.config.name_or_path == str(tmp_path / "elsewhere" / "tiny-llama")
+    check_entry(tmp_path / "elsewhere" / "tiny-llama", tiny.known, None)
+    assert not tiny.cache.exists()  # $EAMET_CACHE_DIR untouched
+
+
 def test_bad_dtype_and_unknown_name() -> None:
     with pytest.raises(ParameterError, match="dtype") as info:
         eamet.models.load("smollm2-135m", dtype="int8")

