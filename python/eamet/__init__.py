@@ -58,7 +58,7 @@ _LAZY = {
 }
 
 
-_SUBPACKAGES = ("sandbox",)
+_SUBPACKAGES = ("models", "sandbox")
 
 
 def __getattr__(name: str) -> Any:

@@ -323,7 +323,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="hub id or local directory of a causal LM")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="hub id or local directory of a causal LM, or a model eamet knows (smollm2-135m: see "
+        "docs/models.md)",
+    )
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights' dtype"
     )

