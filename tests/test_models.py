@@ -366,6 +366,7 @@ def test_missing_conversion_packages_name_the_install_command(
 def test_tokenizer_for_returns_the_loaded_tokenizer_only(tiny: Tiny) -> None:
     model, tokenizer = eamet.models.load(tiny.known, device="cpu", progress=False)
     assert eamet.models.tokenizer_for(model) is tokenizer
+    assert eamet.Editor(model, config=eamet.EditConfig.for_model(model)).tokens.tokenizer is tokenizer
     assert eamet.models.tokenizer_for(tiny.reference) is None
     assert eamet.models.tokenizer_for(None) is None
     assert eamet.models.tokenizer_for([1, 2]) is None  # unhashable
@@ -391,3 +392,25 @@ def test_load_model_resolves_a_known_name(
     assert tiny.conversions == ["tiny-llama"]
     assert local.config.name_or_path == "tiny-llama"
     assert_same_weights(local, other)
+
+
+def test_an_editor_finds_the_tokenizer_of_a_model_it_was_not_given(tmp_path: Path) -> None:
+    """Editor(model) without a tokenizer: the one eamet.models.load returned, else the model's own
+    directory, else a ParameterError saying how to pass one."""
+    from eamet import EditConfig, Editor
+    from eamet.errors import ParameterError
+    from tiny import bpe_tokenizer, tiny_model
+
+    model = tiny_model("llama", vocab_size=256)
+    config = EditConfig.for_model(model, "memit")
+    with pytest.raises(ParameterError, match=r"Editor\(model, tokenizer\)"):
+        Editor(model, config=config)
+    tokenizer = bpe_tokenizer(add_bos=False, vocab_size=256)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model.config.name_or_path = str(tmp_path)
+    found = Editor(model, config=config).tokens.tokenizer
+    assert found.encode("capital city") == tokenizer.encode("capital city")
+    model.config.name_or_path = str(tmp_path / "missing")
+    with pytest.raises(ParameterError, match="name_or_path"):
+        Editor(model, config=config)

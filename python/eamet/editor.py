@@ -34,6 +34,7 @@ from eamet.diagnostics import MisalignmentReport, misalignment
 from eamet.errors import EametError, FactError, NonFiniteError, ParameterError
 from eamet.facts import Fact, check_facts
 from eamet.keys import PromptSet, collect
+from eamet.loading import tokenizer_of
 from eamet.parts import ModelParts, WeightSnapshot, eval_mode, tensor_sha256
 from eamet.residuals import KeyNeighborhood, ResidualOptimizer, Residuals
 from eamet.results import EditResult, WeightRecord
@@ -50,7 +51,9 @@ class Editor:
     Args:
         model: a ``transformers`` causal LM whose ``config.model_type`` is in the registry (or whose
             config's ``modules`` names its paths).
-        tokenizer: its tokenizer (never modified).
+        tokenizer: its tokenizer (never modified); default: the one ``eamet.models.load`` returned with the
+            model, else the tokenizer saved beside it (``config.name_or_path``); ``ParameterError`` if
+            neither exists.
         config: the settings; default :meth:`EditConfig.for_model` for ``method``.
         method: ``"eamet"`` or ``"memit"``; default: ``config.method``, else ``"eamet"``. Must agree with a
             given config (build it with ``EditConfig.preset(name, method=...)``).
@@ -60,7 +63,8 @@ class Editor:
         cache_dir: statistics cache (default ``~/.cache/eamet/stats``).
 
     Example:
-        >>> editor = Editor(model, tokenizer, method="memit", corpus="wiki.txt")  # doctest: +SKIP
+        >>> model, tokenizer = eamet.models.load("smollm2-135m")  # doctest: +SKIP
+        >>> editor = Editor(model, method="memit", corpus="wiki.txt")  # doctest: +SKIP
         >>> result = editor.edit([Fact("The capital of {} is", "France", "Lyon")])  # doctest: +SKIP
         >>> result.undo()  # doctest: +SKIP
     """
@@ -68,7 +72,7 @@ class Editor:
     def __init__(
         self,
         model: nn.Module,
-        tokenizer: Any,
+        tokenizer: Any | None = None,
         config: EditConfig | None = None,
         method: Method | None = None,
         corpus: Corpus | None = None,
@@ -91,7 +95,7 @@ class Editor:
                 f"layers {list(config.layers)}: the model has only {self.parts.num_layers} blocks",
                 argument="layers",
             )
-        self.tokens = TokenAdapter(tokenizer, config.bos)
+        self.tokens = TokenAdapter(tokenizer if tokenizer is not None else tokenizer_of(model), config.bos)
         devices = sorted({str(p.device) for p in model.parameters()})
         if len(devices) > 1:
             raise ParameterError(

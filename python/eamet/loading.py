@@ -9,7 +9,7 @@ from typing import Any
 from eamet.errors import FactError, MissingDependencyError, ParameterError
 from eamet.facts import Fact, check_facts
 
-__all__ = ["DTYPES", "add_reference_pad_token", "load_facts", "load_model"]
+__all__ = ["DTYPES", "add_reference_pad_token", "load_facts", "load_model", "tokenizer_of"]
 
 DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model can be loaded in
 
@@ -43,6 +43,33 @@ def load_model(name: str, *, dtype: str = "float32", device: str | None = None) 
     model: Any = AutoModelForCausalLM.from_pretrained(name, dtype=getattr(torch, dtype))
     model = model.to(device).eval()
     return model, tokenizer
+
+
+def tokenizer_of(model: Any) -> Any:
+    """The tokenizer of ``model`` when none is given: the one :func:`eamet.models.load` returned with it,
+    else ``AutoTokenizer.from_pretrained`` of the model's own ``config.name_or_path``.
+
+    Raises ``ParameterError`` saying how to pass one when neither exists (a model built from a config has
+    no ``name_or_path``; a hub id that cannot be reached offline fails too).
+    """
+    from eamet import models
+
+    found = models.tokenizer_for(model)
+    if found is not None:
+        return found
+    source = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    how = "pass the model's tokenizer: Editor(model, tokenizer)"
+    if not source:
+        raise ParameterError(f"the model does not say where it was loaded from; {how}", argument="tokenizer")
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, ImportError) as exc:
+        raise ParameterError(
+            f"no tokenizer could be loaded from the model's name_or_path {source!r} ({exc}); {how}",
+            argument="tokenizer",
+        ) from exc
 
 
 def load_facts(path: str | Path) -> list[Fact]:
