@@ -2,6 +2,7 @@
 
 Editing: ``Editor(model, tokenizer).edit(facts)`` (EAMET or MEMIT) returns an undoable, saveable
 ``EditResult``. Evaluation: ``evaluate(model, tokenizer, load_dataset("counterfact", path))``.
+Causal tracing: ``trace(model, tokenizer, known_cases(model, tokenizer, cases))``.
 Diagnostics: ``misalignment(keys, residuals)``, importable and runnable without torch (the editing and
 evaluation names import torch on first use; ``load_dataset`` needs none).
 
@@ -26,7 +27,8 @@ from eamet.records import load_dataset
 
 if TYPE_CHECKING:
     from eamet.editor import Editor, EditResult
-    from eamet.evaluation import EvaluationReport, evaluate
+    from eamet.evaluation import EvaluationReport, evaluate, known_cases
+    from eamet.tracing import TraceReport, trace
 
 __all__ = [
     "ArchSpec",
@@ -38,16 +40,19 @@ __all__ = [
     "Fact",
     "MisalignmentReport",
     "SecondMoment",
+    "TraceReport",
     "__version__",
     "errors",
     "evaluate",
     "get_num_threads",
     "known_architectures",
+    "known_cases",
     "load_dataset",
     "misalignment",
     "neighbors",
     "register_arch",
     "set_num_threads",
+    "trace",
 ]
 
 _LAZY = {
@@ -55,6 +60,9 @@ _LAZY = {
     "EditResult": "eamet.editor",
     "EvaluationReport": "eamet.evaluation",
     "evaluate": "eamet.evaluation",
+    "known_cases": "eamet.evaluation",
+    "TraceReport": "eamet.tracing",
+    "trace": "eamet.tracing",
 }
 
 

@@ -1,4 +1,5 @@
-"""Figure of a :class:`~eamet.diagnostics.MisalignmentReport` (matplotlib, object API, no pyplot state)."""
+"""Figures of reports (matplotlib, object API, no pyplot state): a
+:class:`~eamet.diagnostics.MisalignmentReport` and a :class:`~eamet.tracing.TraceReport`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from eamet.errors import MissingDependencyError
 
 if TYPE_CHECKING:
     from eamet.diagnostics import MisalignmentReport
+    from eamet.tracing import TraceReport
 
-__all__ = ["plot_report"]
+__all__ = ["plot_report", "plot_trace"]
 
 
 def plot_report(report: MisalignmentReport, path: Path, *, rows: int = 4) -> Path:
@@ -76,6 +78,58 @@ def plot_report(report: MisalignmentReport, path: Path, *, rows: int = 4) -> Pat
     ax_rows.set_ylabel("residual cosine to the same neighbour")
     ax_rows.set_title(f"(c) the {rows} worst facts' top-{report.top_m} key neighbours")
     ax_rows.legend(fontsize="small", loc="best")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_trace(report: TraceReport, path: Path) -> Path:
+    """Writes two panels to ``path`` and returns it: (a) mean P(true object) with each kind's clean state
+    restored at block l, between the clean and corrupted baselines (dashed); (b) the indirect effect
+    (restored − corrupted) per block, with the 25–75 % range over records shaded.
+    """
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "plotting needs matplotlib: pip install 'eamet[plot]'", argument="plot"
+        ) from exc
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_prob, ax_effect = fig.subplots(1, 2)
+    s = report.settings
+    window = f", MLP window {s['window']}" if "mlp" in report.kinds else ""
+    fig.suptitle(
+        f"Causal trace at the subject's last token: {report.n_records} records, {s['samples']} samples, "
+        f"ν = {s['noise']:.3g}{window}"
+    )
+    blocks = np.arange(report.num_blocks)
+    colors = {"block": "#4477aa", "mlp": "#228833"}
+    ax_prob.axhline(report.clean, color="0.3", linestyle="--", linewidth=1, label="clean")
+    ax_prob.axhline(report.corrupted, color="#cc6677", linestyle="--", linewidth=1, label="corrupted")
+    for kind in report.kinds:
+        ax_prob.plot(
+            blocks, report.restored[kind], marker="o", color=colors.get(kind), label=f"{kind} restored"
+        )
+        effects = np.array(
+            [[r["restored"][kind][b] - r["corrupted"] for b in blocks] for r in report.per_record]
+        )
+        low, high = np.percentile(effects, [25, 75], axis=0)
+        ax_effect.fill_between(blocks, low, high, color=colors.get(kind), alpha=0.2, linewidth=0)
+        ax_effect.plot(blocks, report.indirect_effect(kind), marker="o", color=colors.get(kind), label=kind)
+    ax_prob.set_ylim(-0.02, 1.02)
+    ax_prob.set_xlabel("block")
+    ax_prob.set_ylabel("P(true object's first token)")
+    ax_prob.set_title("(a) probability with the clean state restored")
+    ax_prob.legend(fontsize="small", loc="best")
+    ax_effect.axhline(0.0, color="0.6", linewidth=1)
+    ax_effect.set_xlabel("block")
+    ax_effect.set_ylabel("indirect effect (restored − corrupted)")
+    ax_effect.set_title("(b) mean indirect effect, 25–75 % of records shaded")
+    ax_effect.legend(fontsize="small", loc="best")
+    for ax in (ax_prob, ax_effect):
+        ax.set_xticks(blocks)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

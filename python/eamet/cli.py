@@ -322,6 +322,50 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    if not kinds or any(k not in ("block", "mlp") for k in kinds):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of block, mlp; got {text!r}")
+    return kinds
+
+
+def _cmd_trace(args: argparse.Namespace) -> int:
+    from eamet.evaluation import known_cases
+    from eamet.loading import load_model
+    from eamet.records import load_dataset
+    from eamet.tracing import trace
+
+    # Before the (slow) model load: a bad file fails fast. With --known-only, --n counts known records.
+    cases = load_dataset(args.format, args.data, limit=None if args.known_only else args.n)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if args.known_only:
+        read = len(cases)
+        cases = known_cases(model, tokenizer, cases, limit=args.n)
+        if not cases:
+            raise EametError(f"the model knows none of the {read} records of {args.data} (--known-only)")
+        print(f"{len(cases)} known records (the true object is the greedy continuation) of {read} read")
+    report = trace(
+        model,
+        tokenizer,
+        cases,
+        kinds=args.kind,
+        window=args.window,
+        samples=args.samples,
+        noise=args.noise,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(report.table())
+    if args.json:
+        payload = {"command": "trace", "model": args.model, "data": args.data, **report.to_dict()}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
+    return 0
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -495,6 +539,40 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--samples", type=_positive_int, help="corpus documents for C")
     _speed_options(evaluate)
     evaluate.set_defaults(run=_cmd_eval)
+    tracing = commands.add_parser(
+        "trace",
+        help="causal tracing (ROME): which blocks carry known facts at the subject's last token",
+        description=(
+            "Runs each record's prompt clean, with Gaussian noise on the subject's input embeddings, and "
+            "corrupted with one clean state restored at the subject's last token (a block's output, or the "
+            "MLP outputs of a window of blocks); prints P(true object) and the indirect effect per block."
+        ),
+    )
+    _model_options(tracing)
+    tracing.add_argument("--data", required=True, help="the dataset file (records need a true object)")
+    tracing.add_argument("--format", choices=("counterfact", "zsre", "jsonl"), required=True)
+    tracing.add_argument(
+        "--n", type=_positive_int, help="trace the first N records (known records with --known-only)"
+    )
+    tracing.add_argument(
+        "--known-only", action="store_true", help="keep the records whose true object the model gives"
+    )
+    tracing.add_argument(
+        "--kind", type=_kinds, default=("block", "mlp"), help="states to restore (default block,mlp)"
+    )
+    tracing.add_argument(
+        "--window", type=_positive_int, default=10, help="MLP outputs restored per run (default 10, ROME)"
+    )
+    tracing.add_argument(
+        "--samples", type=_positive_int, default=10, help="noise samples per record (default 10)"
+    )
+    tracing.add_argument(
+        "--noise", type=_positive_float, help="noise std ν (default 3 × std of the subjects' embeddings)"
+    )
+    tracing.add_argument("--seed", type=_non_negative_int, default=0, help="noise seed (default 0)")
+    tracing.add_argument("--batch-size", type=_positive_int, default=64, help="rows per forward (default 64)")
+    tracing.add_argument("--plot", metavar="OUT.png", help="also draw the trace (needs eamet[plot])")
+    tracing.set_defaults(run=_cmd_trace)
     return parser
 
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from eamet._progress import progress_callback
 from eamet.batching import length_sorted_batches, pad_right
-from eamet.errors import ParameterError
+from eamet.errors import FactError, ParameterError
 from eamet.facts import SUBJECT_SLOT
 from eamet.metrics import KINDS, METRICS, RATE_KEYS, Rate, RecordMetrics
 from eamet.parts import eval_mode
@@ -44,8 +44,10 @@ __all__ = [
     "EVAL_PREFIX_SEEDS",
     "EvaluationReport",
     "TargetScores",
+    "as_cases",
     "evaluate",
     "evaluation_prefixes",
+    "known_cases",
     "lenient_correct",
     "ngram_entropy",
     "score_targets",
@@ -330,7 +332,7 @@ def evaluate(
             empty or non-string ``prefixes``, or an item that is neither an ``EditCase`` nor a dict.
         FactError: a dict record cannot be read (``row`` names it).
     """
-    cases = _as_cases(records)
+    cases = as_cases(records)
     if isinstance(prefix_len, bool) or not isinstance(prefix_len, int) or prefix_len < 0:
         raise ParameterError(f"prefix_len must be an integer >= 0, got {prefix_len!r}", argument="prefix_len")
     if generation_tokens < 1:
@@ -347,7 +349,11 @@ def evaluate(
     return EvaluationReport(per_record=rows, prefixes=tuple(used), prefix_len=prefix_len)
 
 
-def _as_cases(records: Sequence[EditCase | Mapping[str, Any]]) -> list[EditCase]:
+def as_cases(records: Sequence[EditCase | Mapping[str, Any]], *, what: str = "evaluate") -> list[EditCase]:
+    """``records`` as edit cases: ``EditCase`` items kept, dicts read with
+    :func:`~eamet.records.case_from_record`. Raises ``ParameterError`` for an empty sequence ("no records
+    to ``what``") or an item of another type, ``FactError`` for a dict that cannot be read.
+    """
     if isinstance(records, (str, bytes, Mapping)) or not isinstance(records, Iterable):
         raise ParameterError(
             f"records must be a sequence of EditCase (or record dicts), got {type(records).__name__}",
@@ -366,7 +372,7 @@ def _as_cases(records: Sequence[EditCase | Mapping[str, Any]]) -> list[EditCase]
                 row=row,
             )
     if not cases:
-        raise ParameterError("no records to evaluate", argument="records")
+        raise ParameterError(f"no records to {what}", argument="records")
     return cases
 
 
@@ -531,3 +537,66 @@ def _greedy_texts(
             if on_batch is not None:
                 on_batch(len(batch))
     return texts
+
+
+# -- facts the model knows ---------------------------------------------------------------------------------
+
+
+def known_cases(
+    model: nn.Module,
+    tokenizer: Any,
+    cases: Sequence[EditCase | Mapping[str, Any]],
+    *,
+    prefixes: Sequence[str] = (),
+    batch_size: int = 40,
+    limit: int | None = None,
+) -> list[EditCase]:
+    """The cases whose *true* object the model gives strictly: every token of ``rewrite.target_true`` is
+    the arg-max after the rewrite prompt under teacher forcing (greedy decoding emits it), as
+    :func:`score_targets` scores it. Causal tracing (:func:`eamet.trace`) is meant for such facts.
+
+    Args:
+        model: a causal LM returning ``.logits`` (B, T, V).
+        tokenizer: its tokenizer, or a :class:`~eamet.tokens.TokenAdapter` (BOS policy).
+        cases: edit cases (or record dicts), each with a true object.
+        prefixes: texts put before the rewrite prompt; a case must be known after every one of them
+            (``()``: the bare prompt only; include ``""`` to require the bare prompt as well).
+        batch_size: sequences per forward.
+        limit: stop once this many known cases are found (the cases are scored in chunks, in order).
+
+    Returns:
+        The known cases, in input order (at most ``limit``).
+
+    Raises:
+        ParameterError: no cases, ``batch_size < 1``, ``limit < 1``, or bad ``prefixes``.
+        FactError: a case without a true object (zsRE records have none: "known" is undefined for them,
+            and dropping them silently would hide that the file holds no usable record); ``row`` names it.
+    """
+    chosen = as_cases(cases, what="check")
+    used = [""] if not isinstance(prefixes, str) and len(prefixes) == 0 else _check_prefixes(prefixes)
+    if batch_size < 1:
+        raise ParameterError(f"batch_size must be >= 1, got {batch_size}", argument="batch_size")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ParameterError(f"limit must be None or an integer >= 1, got {limit!r}", argument="limit")
+    for row, case in enumerate(chosen):
+        true = case.rewrite.target_true
+        if true is None or not true.strip():
+            raise FactError(
+                f"record {row} (case {case.case_id}): has no true object, so whether the model knows it is "
+                "undefined (zsRE records have none)",
+                row=row,
+            )
+    tokens = tokenizer if isinstance(tokenizer, TokenAdapter) else TokenAdapter(tokenizer)
+    chunk = len(chosen) if limit is None else max(limit, batch_size)
+    known: list[EditCase] = []
+    for start in range(0, len(chosen), chunk):
+        part = chosen[start : start + chunk]
+        prompts = [p + case.rewrite.text for case in part for p in used]
+        targets = [str(case.rewrite.target_true) for case in part for _ in used]
+        strict = score_targets(model, tokens, prompts, targets, batch_size=batch_size).strict
+        for i, case in enumerate(part):
+            if bool(strict[i * len(used) : (i + 1) * len(used)].all()):
+                known.append(case)
+                if limit is not None and len(known) == limit:
+                    return known
+    return known
