@@ -29,6 +29,7 @@ from eamet._progress import progress_bar
 from eamet.batching import length_sorted_batches, pad_right
 from eamet.errors import CacheError, CorpusError, MissingDependencyError
 from eamet.hooks import by_position, record_inputs, run_until
+from eamet.model_corpus import corpus_key, model_corpus_size, sample_texts
 from eamet.moments import SecondMoment
 from eamet.parts import ModelParts, eval_mode
 from eamet.solve import solve_device
@@ -37,6 +38,7 @@ from eamet.tokens import TokenAdapter
 __all__ = ["Corpus", "CovarianceCollector", "default_cache_dir", "model_fingerprint", "model_source"]
 
 CACHE_FORMAT = 1
+CORPUS_SEED = 0  # the sampling seed of "model:<n>" corpora
 Corpus = str | os.PathLike[str] | Iterable[str]
 
 
@@ -51,9 +53,15 @@ def load_corpus(corpus: Corpus, n_samples: int) -> tuple[str, list[str]]:
     ``corpus`` is ``"hf:<dataset>[:<config>]"`` (train split, shuffled with seed 1 as the reference does;
     needs the ``data`` extra), a path to a ``.jsonl`` file (field ``"text"``) or a text file (one document
     per non-empty line), or an iterable of strings. Raises ``CorpusError`` when nothing usable is found.
+    (``"model:<n>"``, text sampled from the model, is handled by :class:`CovarianceCollector`, which has
+    the model: eamet.model_corpus.)
     """
     if isinstance(corpus, str) and corpus.startswith("hf:"):
         return _load_hf(corpus, n_samples)
+    if model_corpus_size(corpus) is not None:
+        raise CorpusError(
+            f"corpus {corpus!r} is sampled from a model: pass it to an Editor or CovarianceCollector"
+        )
     if isinstance(corpus, (str, os.PathLike)):
         path = Path(corpus)
         if not path.is_file():
@@ -193,12 +201,44 @@ class CovarianceCollector:
         self.corpus, self.n_samples, self.max_length, self.dtype = corpus, n_samples, max_length, dtype
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.use_cache, self.batch_tokens, self.progress = use_cache, batch_tokens, progress
-        self._texts: tuple[str, list[str]] | None = None
+        self._loaded: tuple[str, list[str]] | None = None
+        self._sampled = model_corpus_size(corpus)  # n of a "model:<n>" corpus, else None
+        self._model_print: str | None = None
 
-    def _corpus(self) -> tuple[str, list[str]]:
-        if self._texts is None:
-            self._texts = load_corpus(self.corpus, self.n_samples)
-        return self._texts
+    def _file_corpus(self) -> tuple[str, list[str]]:
+        if self._loaded is None:
+            self._loaded = load_corpus(self.corpus, self.n_samples)
+        return self._loaded
+
+    def corpus_id(self) -> str:
+        """An id of the corpus that changes whenever its texts do. For ``"model:<n>"`` it is a hash of the
+        sampling settings and every weight, so cached statistics are found without sampling anything."""
+        if self._sampled is None:
+            return self._file_corpus()[0]
+        key = corpus_key(self._whole_model(), self.tokens, self._sampled, CORPUS_SEED)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        return f"model:{self._sampled}:sha256:{digest}"
+
+    def _whole_model(self) -> str:
+        if self._model_print is None:
+            self._model_print = model_fingerprint(self.model, self.parts)
+        return self._model_print
+
+    def texts(self) -> list[str]:
+        """The corpus's first ``n_samples`` documents (sampling a ``"model:<n>"`` corpus, or reading its
+        cache, on first use)."""
+        if self._sampled is None:
+            return self._file_corpus()[1]
+        texts = sample_texts(
+            self.model,
+            self.tokens,
+            self._sampled,
+            model_fingerprint=self._whole_model(),
+            seed=CORPUS_SEED,
+            root=self.cache_dir / "corpora",
+            progress=self.progress,
+        )
+        return texts[: self.n_samples]
 
     def settings(self, layer: int, corpus_id: str) -> dict[str, Any]:
         """Everything that changes C at ``layer``; stored in the cache file and hashed into its name."""
@@ -226,7 +266,7 @@ class CovarianceCollector:
         """C for each layer: from the cache when a valid file exists, else collected in one pass over the
         corpus (and cached). The returned accumulators' ``metadata`` holds their settings.
         """
-        corpus_id, texts = self._corpus()
+        corpus_id = self.corpus_id()
         wanted = {layer: self.settings(layer, corpus_id) for layer in layers}
         found: dict[int, SecondMoment] = {}
         for layer, settings in wanted.items():
@@ -235,7 +275,7 @@ class CovarianceCollector:
                 found[layer] = cached
         missing = [layer for layer in layers if layer not in found]
         if missing:
-            collected = self._collect(missing, texts)
+            collected = self._collect(missing, self.texts())
             for layer, acc in collected.items():
                 acc.metadata = {**wanted[layer], "tokens": acc.count, "source": model_source(self.model)}
                 if self.use_cache:
