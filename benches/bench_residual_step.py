@@ -32,7 +32,8 @@ from typing import Any
 
 import torch
 
-from common import cpu_busy_fraction, peak_rss_mib, reset_peak_rss
+from common import peak_rss_mib, reset_peak_rss
+from sweeps import check_idle
 
 SETTINGS = {
     "full": ("z_forward", "full"),
@@ -79,11 +80,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     torch.set_num_threads(args.threads)
 
-    busy = cpu_busy_fraction(1.0)
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    print(f"# CPUs {busy:.0%} busy with other work at start, load average {' '.join(load)}", flush=True)
-    if busy > 0.10 and not args.allow_busy:
-        sys.exit("the machine is busy: timings would be meaningless (pass --allow-busy to run anyway)")
+    load = check_idle(args.allow_busy)
 
     model, tokenizer, cases, corpus, config_for = setup(args)
     cases = cases[: args.edits]
@@ -151,7 +148,6 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
     if not args.data:
         sys.exit("--model smollm2 needs --data COUNTERFACT.json")
     import eamet.models
-
     from eamet.config import EditConfig
     from eamet.records import load_dataset
 

@@ -28,10 +28,10 @@ import torch
 from eamet.editor import Editor
 from eamet.evaluation import evaluate, evaluation_prefixes
 from eamet.records import load_dataset
-from eamet.runs import RATE_KEYS
 from eamet.sandbox import World
 from eamet.sandbox.pocket import default_world, edit_config, pocket_model, world_corpus
 from eamet.tokens import TokenAdapter
+from sweeps import check_idle, format_row, header, merged, plot
 
 
 def ints(text: str) -> list[int]:
@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument(
         "--merge", action="append", default=[], help="an earlier --json output to include (repeatable)"
     )
+    parser.add_argument("--allow-busy", action="store_true", help="run even if other work loads the CPUs")
     args = parser.parse_args()
+    check_idle(args.allow_busy)
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
 
@@ -118,83 +120,6 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"commands": commands, "rows": rows}, indent=1) + "\n")
     if args.plot:
         plot(rows, args.plot, methods)
-
-
-def merged(
-    paths: list[str], command: str, rows: list[dict[str, Any]]
-) -> tuple[list[str], list[dict[str, Any]]]:
-    """The commands and rows of earlier outputs at ``paths`` followed by this run's; this run's rows win."""
-
-    def key(row: dict[str, Any]) -> tuple[int, str, int]:
-        return row["edits"], row["method"], row["prefix_len"]
-
-    commands: list[str] = []
-    by_key: dict[tuple[int, str, int], dict[str, Any]] = {}
-    for path in paths:
-        earlier = json.loads(Path(path).read_text())
-        commands += earlier.get("commands", [earlier["command"]] if "command" in earlier else [])
-        by_key.update((key(row), row) for row in earlier["rows"])
-    by_key.update((key(row), row) for row in rows)
-    # Per N: the rows before editing first, then the methods in name order, each by prefix length.
-    ordered = sorted(
-        by_key.values(), key=lambda r: (r["edits"], r["method"] != "before", r["method"], r["prefix_len"])
-    )
-    return [*commands, command], ordered
-
-
-COLUMNS = ("edits", "method", "prefix_len", *RATE_KEYS, "misalignment_total", "edit_seconds")
-SHORT = {"efficacy": "eff", "generalization": "gen", "specificity": "spec", "strict": "S", "lenient": "L"}
-
-
-def header() -> str:
-    names = []
-    for c in COLUMNS:
-        for long, short in SHORT.items():
-            c = c.replace(long, short)
-        names.append(c.replace("_", " "))
-    return " | ".join(names)
-
-
-def format_row(row: dict[str, Any]) -> str:
-    cells = []
-    for c in COLUMNS:
-        value = row.get(c)
-        cells.append("" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
-    return " | ".join(cells)
-
-
-def plot(rows: list[dict[str, Any]], path: str, methods: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lengths = sorted({r["prefix_len"] for r in rows})
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, metric in zip(axes, ("efficacy", "generalization", "specificity"), strict=True):
-        for method, color in zip(["before", *methods], ["grey", "tab:red", "tab:blue"], strict=False):
-            for length, style in zip(lengths, ["-", "--", ":"], strict=False):
-                pts = sorted(
-                    (r["edits"], r[f"{metric}_strict"])
-                    for r in rows
-                    if r["method"] == method and r["prefix_len"] == length
-                )
-                if pts:
-                    ax.plot(
-                        *zip(*pts, strict=True),
-                        style,
-                        color=color,
-                        marker="o",
-                        markersize=3,
-                        label=f"{method}, prefix {length}",
-                    )
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{metric} (strict)")
-        ax.set_xlabel("edits N")
-    axes[0].set_ylabel("rate")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

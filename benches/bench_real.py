@@ -1,0 +1,248 @@
+"""EAMET against MEMIT on a real model as N grows: the paper's experiment, at the scale a machine allows.
+
+    python benches/bench_real.py --model smollm2 --data COUNTERFACT.json --known-only \\
+        --edits 64,256,1024 --prefix-lens 0,5,50 --json real.json --plot real.png
+    python benches/bench_real.py --model smollm2 --data COUNTERFACT.json --known-only --edits 32 \\
+        --variant eamet-memit-ball=eamet:clamp=hidden_norm,clamp_factor=0.75 --variant memit
+    python benches/bench_real.py --model smollm2 --data ... --device cuda --edits 1000,2000,5000,10000
+
+For each N, each variant edits the first N cases (of the file, or of those the model knows with
+``--known-only``) into the same unedited model, is evaluated with every prefix length — prefixes generated
+once per length from the unedited model — and undone. A variant is ``NAME=METHOD[:key=value,...]``
+(``EditConfig`` settings; ``--set key=value`` applies to all; a bare method name is that method's
+defaults). Per row: strict and lenient efficacy / generalisation / specificity, fluency (``--fluency``),
+the misalignment total, the edit's seconds and seconds per fact in the residual step, peak memory (RSS; on
+CUDA the device's peak allocation), the mean final loss terms, and — without ``--known-only`` — the same
+rates over the cases the model knew before editing (``known_*``). ``--merge`` adds earlier ``--json``
+outputs, so a long sweep can run in pieces.
+
+Models: ``pocket`` (the sandbox's shipped model and world; ``--data`` not used), a known name of
+``eamet.models`` (``smollm2``), or a local directory / hub id. Corpus for C (``--corpus``): ``model:<n>``
+(text sampled from the model), ``cases`` (the texts of the records after the edited ones), or a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import peak_rss_mib, reset_peak_rss
+from eamet._files import atomic_write, cache_dir
+from eamet.config import METHODS, EditConfig
+from eamet.editor import Editor
+from eamet.evaluation import evaluate, evaluation_prefixes, known_cases
+from eamet.metrics import RATE_KEYS
+from eamet.tokens import TokenAdapter
+from sweeps import check_idle, format_row, header, merged, plot
+
+EXTRA = ("fluency", "known_efficacy_strict", "s_per_fact", "peak_mib", "mean_nll")
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def settings(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, _, raw = item.partition("=")
+        out[key.strip()] = value(raw.strip())
+    return out
+
+
+def variant(text: str) -> tuple[str, str, dict[str, Any]]:
+    """``"name=method:key=value,key=value"`` (or ``"method"``) -> (name, method, overrides)."""
+    name, _, spec = text.partition("=")
+    spec = spec or name
+    method, _, rest = spec.partition(":")
+    if method not in METHODS:
+        raise argparse.ArgumentTypeError(f"variant {text!r}: method must be one of {', '.join(METHODS)}")
+    return name, method, settings(rest)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2", help="pocket, a known model name, or a path / hub id")
+    parser.add_argument("--data", help="CounterFact JSON (ROME or EasyEdit form)")
+    parser.add_argument("--known-only", action="store_true", help="edit only cases the model knows strictly")
+    parser.add_argument("--edits", type=ints, default=[64, 256, 1024])
+    parser.add_argument("--prefix-lens", type=ints, default=[0, 5, 50])
+    parser.add_argument("--variant", action="append", type=variant, default=[], help="NAME=METHOD[:k=v,...]")
+    parser.add_argument("--set", type=settings, default={}, help="k=v,... for every variant")
+    parser.add_argument("--corpus", default="model:1000", help="model:<n>, cases, or a .txt/.jsonl file")
+    parser.add_argument("--eval-cases", type=int, default=256, help="evaluate at most this many edited cases")
+    parser.add_argument("--fluency", action="store_true", help="also measure fluency (slow)")
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", help="the model's weights' dtype")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--allow-busy", action="store_true", help="run even if other work loads the CPUs")
+    parser.add_argument("--json", help="write the rows as JSON")
+    parser.add_argument("--plot", help="write a PNG of strict metrics against N")
+    parser.add_argument("--merge", action="append", default=[], help="an earlier --json output to include")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load = check_idle(args.allow_busy)
+    variants = args.variant or [variant(m) for m in METHODS]
+
+    model, tokenizer, cases, corpus_texts, base_config = setup(args)
+    known_ids = known_case_ids(model, tokenizer, cases, args)
+    if args.known_only:
+        cases = [c for c in cases if c.case_id in known_ids]
+    print(f"# {args.model}: {len(cases)} cases ({len(known_ids)} known)", flush=True)
+    corpus: Any = args.corpus
+    tokens = TokenAdapter(tokenizer)
+    prefixes = {n: evaluation_prefixes(model, tokens, n, seed=0) for n in args.prefix_lens}
+    rows: list[dict[str, Any]] = []
+    columns = (*header_columns(), *EXTRA)
+    print(header(columns), flush=True)
+    for n_edits in args.edits:
+        if n_edits > len(cases):
+            print(f"# skipping N = {n_edits}: only {len(cases)} cases", flush=True)
+            continue
+        edited = cases[:n_edits]
+        evaluated = edited[: args.eval_cases]
+        if args.corpus == "cases":
+            corpus = corpus_texts(n_edits)
+        for length, pre in prefixes.items():
+            rows.append(measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before"))
+            print(format_row(rows[-1], columns), flush=True)
+        for name, method, overrides in variants:
+            config = base_config(model, method).replace(**{**overrides, **args.set})
+            editor = Editor(model, tokenizer, config=config, corpus=corpus)
+            editor.covariance(progress=False)  # shared by the variants: collected outside the timing
+            reset_peak_rss()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            began = time.perf_counter()
+            result = editor.edit([c.rewrite for c in edited], progress=False)
+            try:
+                extra = edit_record(result, time.perf_counter() - began, config)
+                for length, pre in prefixes.items():
+                    row = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, name)
+                    rows.append({**row, **extra})
+                    print(format_row(rows[-1], columns), flush=True)
+            finally:
+                result.undo()
+    command = "python " + " ".join(sys.argv)
+    print(f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    commands, rows = merged(args.merge, command, rows)
+    if args.json:
+        payload = {"commands": commands, "load_average": load, "rows": rows}
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    if args.plot:
+        plot(rows, args.plot, sorted({r["method"] for r in rows} - {"before"}), title=args.model)
+
+
+def header_columns() -> tuple[str, ...]:
+    return ("edits", "method", "prefix_len", *RATE_KEYS, "misalignment_total", "edit_seconds")
+
+
+def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
+    """Model, tokenizer, cases, ``corpus_texts(n_edited)`` and ``base_config(model, method)``."""
+    if args.model == "pocket":
+        from eamet.sandbox.pocket import default_world, edit_config, pocket_model, world_corpus
+
+        world = default_world()
+        model, tokenizer = pocket_model(world, progress=False)
+        texts = world_corpus(world)
+        return model, tokenizer, list(world.cases), lambda _n: texts, edit_config
+    if not args.data:
+        sys.exit("--data COUNTERFACT.json is needed for a real model")
+    from eamet.loading import load_model
+    from eamet.records import load_dataset
+
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    cases = load_dataset("counterfact", args.data)
+
+    def corpus_texts(n_edits: int) -> list[str]:
+        return [text for case in cases[n_edits:] for text in case_texts(case)]
+
+    return model, tokenizer, cases, corpus_texts, EditConfig.for_model
+
+
+def case_texts(case: Any) -> list[str]:
+    """Every sentence of a CounterFact case as the model reads it (for a covariance corpus)."""
+    texts = [case.rewrite.text, *case.paraphrases, *(q + " " + a for q, a in case.neighborhood)]
+    return texts + list(case.generation_prompts)
+
+
+def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.Namespace) -> set[Any]:
+    """Ids of the cases whose true object the unedited model gives strictly, cached per model and data."""
+    from eamet.covariance import model_fingerprint
+    from eamet.parts import ModelParts
+
+    if args.model == "pocket":
+        return {c.case_id for c in cases}
+    digest = hashlib.sha256(model_fingerprint(model, ModelParts(model)).encode())
+    digest.update(Path(args.data).read_bytes())
+    path = cache_dir("known") / f"{digest.hexdigest()[:24]}.json"
+    if path.is_file():
+        return set(json.loads(path.read_text())["ids"])
+    began = time.perf_counter()
+    ids = [c.case_id for c in known_cases(model, tokenizer, cases)]
+    print(f"# known cases: {len(ids)} of {len(cases)} ({time.perf_counter() - began:.0f} s)", flush=True)
+    text = json.dumps({"model": args.model, "data": str(args.data), "ids": ids})
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+    return set(ids)
+
+
+def measure(
+    model: Any,
+    tokenizer: Any,
+    cases: list[Any],
+    prefixes: list[str],
+    length: int,
+    known: set[Any],
+    args: argparse.Namespace,
+    n_edits: int,
+    name: str,
+) -> dict[str, Any]:
+    report = evaluate(
+        model, tokenizer, cases, prefixes=prefixes, prefix_len=length, fluency=args.fluency, progress=False
+    )
+    row: dict[str, Any] = {"edits": n_edits, "method": name, "prefix_len": length, **report.metrics()}
+    if not args.known_only:
+        rows = [r for r in report.per_record if r["case_id"] in known]
+        row["known_cases"] = len(rows)
+        for key in RATE_KEYS:
+            values = [r[key] for r in rows if r[key] is not None]
+            row[f"known_{key}"] = sum(values) / len(values) if values else None
+    return row
+
+
+def edit_record(result: Any, seconds: float, config: EditConfig) -> dict[str, Any]:
+    """What one edit measured besides the evaluation."""
+    stats = result.stats
+    n = len(stats)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else peak_rss_mib()
+    return {
+        "misalignment_total": None if result.misalignment is None else float(result.misalignment.total),
+        "edit_seconds": seconds,
+        "s_per_fact": sum(s.seconds for s in stats) / n,
+        "peak_mib": peak,
+        "mean_nll": sum(s.nll for s in stats) / n,
+        "mean_alignment_kl": sum(s.alignment_kl for s in stats) / n,
+        "mean_topm_mse": sum(s.topm_mse for s in stats) / n,
+        "mean_steps": sum(s.steps for s in stats) / n,
+        "mean_delta_over_radius": sum(s.delta_norm / s.radius for s in stats) / n,
+        "config": config.to_dict(),
+    }
+
+
+if __name__ == "__main__":
+    main()
