@@ -304,7 +304,7 @@ impl PySecondMoment {
 
     #[getter]
     fn input_dtype(&self) -> &'static str {
-        self.inner.input_dtype()
+        self.inner.input_dtype().as_str()
     }
 
     fn update(&mut self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<()> {
