@@ -112,6 +112,23 @@ impl<'py> FloatMatrix<'py> {
     }
 }
 
+/// Evaluates `$body` with `$view` bound to the `ArrayView2` of a [`FloatMatrix`], whichever its
+/// element type: one generic kernel call, compiled for float32 and float64.
+macro_rules! with_view {
+    ($matrix:expr, |$view:ident| $body:expr) => {
+        match $matrix {
+            FloatMatrix::F32(a) => {
+                let $view = a.as_array();
+                $body
+            }
+            FloatMatrix::F64(a) => {
+                let $view = a.as_array();
+                $body
+            }
+        }
+    };
+}
+
 /// Runs `work` on the core's pool from a worker thread while this thread waits without the GIL,
 /// polling for Ctrl-C and reporting `(done, total)` to `progress` every 100 ms.
 fn run_interruptible<R: Send>(
@@ -200,18 +217,9 @@ fn misalignment<'py>(
         progressive,
         block: usize_arg(py, block, "block", 0)?,
     };
-    macro_rules! run {
-        ($k:expr, $r:expr) => {{
-            let (k, r) = ($k.as_array(), $r.as_array());
-            run_interruptible(py, progress, |c| misalignment_kernel(k, r, &params, c))?
-        }};
-    }
-    let out = match (&keys, &residuals) {
-        (FloatMatrix::F32(k), FloatMatrix::F32(r)) => run!(k, r),
-        (FloatMatrix::F32(k), FloatMatrix::F64(r)) => run!(k, r),
-        (FloatMatrix::F64(k), FloatMatrix::F32(r)) => run!(k, r),
-        (FloatMatrix::F64(k), FloatMatrix::F64(r)) => run!(k, r),
-    };
+    let out = with_view!(&keys, |k| with_view!(&residuals, |r| {
+        run_interruptible(py, progress, |c| misalignment_kernel(k, r, &params, c))?
+    }));
     let (n, m) = (out.n, out.m);
     let matrix = |v: Vec<i64>| v.into_pyarray(py).reshape([n, m]);
     let matrix32 = |v: Vec<f32>| v.into_pyarray(py).reshape([n, m]);
@@ -245,16 +253,9 @@ fn neighbors<'py>(
     let top_m = usize_arg(py, top_m, "top_m", 1)?;
     let block = usize_arg(py, block, "block", 0)?;
     let x = FloatMatrix::extract(x, "x")?;
-    let out = match &x {
-        FloatMatrix::F32(a) => {
-            let v = a.as_array();
-            run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
-        }
-        FloatMatrix::F64(a) => {
-            let v = a.as_array();
-            run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
-        }
-    };
+    let out = with_view!(&x, |v| {
+        run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
+    });
     let (n, m) = (out.n, out.m);
     Ok((out.indices.into_pyarray(py).reshape([n, m])?, out.sims.into_pyarray(py).reshape([n, m])?))
 }
@@ -279,16 +280,9 @@ impl PySecondMoment {
     fn from_sum(py: Python<'_>, total: &Bound<'_, PyAny>, count: i64, input_dtype: &str) -> PyResult<Self> {
         let count = usize_arg(py, count, "count", 1)? as u64;
         let total = FloatMatrix::extract(total, "total")?;
-        let result = match &total {
-            FloatMatrix::F32(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
-            }
-            FloatMatrix::F64(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
-            }
-        };
+        let result = with_view!(&total, |v| {
+            py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
+        });
         Ok(Self { inner: result.map_err(|e| core_to_py(py, e))? })
     }
 
@@ -310,16 +304,7 @@ impl PySecondMoment {
     fn update(&mut self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<()> {
         let batch = FloatMatrix::extract(batch, "batch")?;
         let inner = &mut self.inner;
-        let result = match &batch {
-            FloatMatrix::F32(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| inner.update(v)))
-            }
-            FloatMatrix::F64(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| inner.update(v)))
-            }
-        };
+        let result = with_view!(&batch, |v| py.detach(|| pool::run(|| inner.update(v))));
         result.map_err(|e| core_to_py(py, e))
     }
 
