@@ -13,7 +13,6 @@ tiles, so 100k facts need memory proportional to N, not N².
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,21 +134,20 @@ def _percent(q: float) -> str:
     return str(int(p)) if float(p).is_integer() else f"{p:g}"
 
 
-def _check_tau(tau: Any) -> float:
+# The two converters below check types only; the core checks the ranges (tau finite and > 0, top_m
+# >= 1) and raises the same ParameterError naming the argument.
+
+
+def _as_tau(tau: Any) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise ParameterError(f"tau: must be a real number, got {tau!r}", argument="tau")
-    value = float(tau)
-    if not math.isfinite(value) or value <= 0:
-        raise ParameterError(f"tau: must be finite and > 0, got {tau!r}", argument="tau")
-    return value
+    return float(tau)
 
 
-def _check_top_m(top_m: Any) -> int:
+def _as_top_m(top_m: Any) -> int:
     if isinstance(top_m, bool) or not isinstance(top_m, numbers.Integral):
         raise ParameterError(f"top_m: must be an integer, got {top_m!r}", argument="top_m")
-    if top_m < 1:
-        raise ParameterError(f"top_m: must be at least 1, got {top_m}", argument="top_m")
-    # The core clamps to N - 1; clamping here first keeps arbitrarily large ints out of int64.
+    # The core clamps to N - 1; clamping here first keeps arbitrarily large ints within its int range.
     return min(int(top_m), _TOP_M_CAP)
 
 
@@ -185,8 +183,8 @@ def misalignment(
         DTypeError: non-float values.  NonFiniteError / ZeroNormError: names the first bad row.
         ParameterError: ``tau`` or ``top_m`` out of range.
     """
-    tau_value = _check_tau(tau)
-    m = _check_top_m(top_m)
+    tau_value = _as_tau(tau)
+    m = _as_top_m(top_m)
     k = as_float_matrix(keys, "keys")
     r = as_float_matrix(residuals, "residuals")
     show = _show_progress(progress, k.shape[0] if k.ndim else 0)
@@ -228,7 +226,7 @@ def neighbors(
     Raises:
         The errors of :func:`misalignment`, naming ``x``.
     """
-    m = _check_top_m(top_m)
+    m = _as_top_m(top_m)
     a = as_float_matrix(x, "x")
     with progress_callback(_show_progress(progress, a.shape[0] if a.ndim else 0), "neighbors") as cb:
         return _core.neighbors(a, m, progressive=bool(progressive), progress=cb)

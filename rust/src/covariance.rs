@@ -24,6 +24,10 @@ use crate::error::{checked_len, try_zeroed, CoreError, CoreResult};
 /// Rows multiplied in one float32 GEMM before the result is added into the float64 sum.
 pub const CHUNK_ROWS: usize = 2048;
 
+/// Largest row count an accumulator may be given: counts stay within a signed 64-bit integer, the
+/// integer type of numpy and torch.
+pub const MAX_COUNT: u64 = i64::MAX as u64;
+
 /// The element types of the batches an accumulator has seen; written as "none", "float32",
 /// "float64" or "mixed" (the Python attribute and the file's `input_dtype` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -117,7 +121,7 @@ impl SecondMoment {
     /// An empty accumulator for rows of dimension `dim` (≥ 1); allocates dim² float64.
     pub fn new(dim: usize) -> CoreResult<Self> {
         if dim == 0 {
-            return Err(CoreError::parameter("dim", "must be at least 1"));
+            return Err(CoreError::parameter("dim", "must be at least 1, got 0"));
         }
         Ok(Self {
             dim,
@@ -128,9 +132,9 @@ impl SecondMoment {
     }
 
     /// An accumulator holding an already-accumulated sum `total` = Σ x xᵀ (dim×dim, any strides) over
-    /// `count` rows whose element type was `input_dtype` ("float32", "float64" or "mixed"), e.g. one
-    /// summed on a GPU. Only the upper triangle (diagonal included) is read, as `update` keeps it; the
-    /// whole matrix must be finite.
+    /// `count` rows (1 ≤ count ≤ [`MAX_COUNT`]) whose element type was `input_dtype` ("float32",
+    /// "float64" or "mixed"), e.g. one summed on a GPU. Only the upper triangle (diagonal included) is
+    /// read, as `update` keeps it; the whole matrix must be finite.
     pub fn from_sum<T: Element>(total: ArrayView2<'_, T>, count: u64, input_dtype: &str) -> CoreResult<Self> {
         let (rows, cols) = total.dim();
         if rows != cols {
@@ -139,8 +143,8 @@ impl SecondMoment {
         if rows == 0 {
             return Err(CoreError::empty("total", "is 0x0"));
         }
-        if count == 0 {
-            return Err(CoreError::parameter("count", "must be at least 1, got 0"));
+        if !(1..=MAX_COUNT).contains(&count) {
+            return Err(CoreError::parameter("count", format!("must be in [1, 2**63), got {count}")));
         }
         let input_dtype = match input_dtype.parse() {
             Ok(InputDtype::None) | Err(_) => {
@@ -370,6 +374,21 @@ mod tests {
         assert!(matches!(SecondMoment::from_sum(x.view(), 1, "float32"), Err(CoreError::Shape { .. })));
         let empty = Array2::<f64>::zeros((0, 0));
         assert!(matches!(SecondMoment::from_sum(empty.view(), 1, "float32"), Err(CoreError::Empty { .. })));
+    }
+
+    #[test]
+    fn from_sum_names_count_and_input_dtype() {
+        let eye = Array2::<f64>::eye(2);
+        let argument = |r: CoreResult<SecondMoment>| match r {
+            Err(CoreError::Parameter { argument, .. }) => argument,
+            other => panic!("expected a parameter error, got {other:?}"),
+        };
+        assert_eq!(SecondMoment::from_sum(eye.view(), MAX_COUNT, "float32").unwrap().count(), MAX_COUNT);
+        assert_eq!(argument(SecondMoment::from_sum(eye.view(), MAX_COUNT + 1, "float32")), "count");
+        assert_eq!(argument(SecondMoment::from_sum(eye.view(), 0, "float32")), "count");
+        for bad in ["none", "Float32", "float16", ""] {
+            assert_eq!(argument(SecondMoment::from_sum(eye.view(), 1, bad)), "input_dtype", "{bad:?}");
+        }
     }
 
     #[test]

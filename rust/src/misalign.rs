@@ -141,11 +141,11 @@ pub fn misalignment<K: Element, R: Element>(
     if !(params.tau.is_finite() && params.tau > 0.0 && inv_tau.is_finite()) {
         return Err(CoreError::parameter(
             "tau",
-            format!("must be a finite number > 0 whose inverse fits float32, got {}", params.tau),
+            format!("must be a finite number > 0 whose inverse fits float32, got {:?}", params.tau),
         ));
     }
     if params.top_m < 1 {
-        return Err(CoreError::parameter("top_m", "must be at least 1"));
+        return Err(CoreError::parameter("top_m", "must be at least 1, got 0"));
     }
     let m = params.top_m.min(n - 1);
     let unit_k = normalize_rows(keys, "keys")?;
