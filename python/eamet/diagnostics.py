@@ -14,6 +14,8 @@ tiles, so 100k facts need memory proportional to N, not N².
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,14 @@ from eamet._arrays import as_float_matrix
 from eamet._progress import progress_callback
 from eamet.errors import ParameterError
 
-__all__ = ["DEFAULT_TAU", "DEFAULT_TOP_M", "MisalignmentReport", "misalignment", "neighbors"]
+__all__ = [
+    "DEFAULT_TAU",
+    "DEFAULT_TOP_M",
+    "MisalignmentReport",
+    "kernel_threads",
+    "misalignment",
+    "neighbors",
+]
 
 DEFAULT_TAU = 0.07
 """Softmax temperature of the EAMET paper and reference code."""
@@ -230,3 +239,27 @@ def neighbors(
     a = as_float_matrix(x, "x")
     with progress_callback(_show_progress(progress, a.shape[0] if a.ndim else 0), "neighbors") as cb:
         return _core.neighbors(a, m, progressive=bool(progressive), progress=cb)
+
+
+@contextmanager
+def kernel_threads(n: int | None) -> Iterator[None]:
+    """Runs the ``with`` block with the Rust kernels on ``n`` threads, then restores the previous count.
+
+    Args:
+        n: kernel threads inside the block (0: the default, ``EAMET_NUM_THREADS`` or every CPU);
+            ``None`` leaves the count as it is.
+
+    Raises:
+        ParameterError: ``n`` negative.
+
+    Example:
+        >>> with kernel_threads(1):
+        ...     report = misalignment(np.eye(3) + 1, np.eye(3) + 1)
+    """
+    before = _core.get_num_threads()
+    if n is not None:
+        _core.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _core.set_num_threads(before)
