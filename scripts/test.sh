@@ -16,10 +16,14 @@ step() { printf '\n==> %s\n' "$*"; }
 step "cargo fmt --check"
 cargo fmt --check
 
+# The kernels alone (no PyO3), then with the Python bindings that maturin builds (`python` feature).
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --release -- -D warnings
 
-step "cargo test --release"
+step "cargo clippy --all-targets --features python -- -D warnings"
+cargo clippy --all-targets --release --features python -- -D warnings
+
+step "cargo test --release (kernels, without Python)"
 cargo test --release
 
 step "fresh virtual environment in $VENV"

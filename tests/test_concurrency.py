@@ -15,6 +15,8 @@ import pytest
 
 import eamet
 from eamet import _core
+from eamet.diagnostics import kernel_threads
+from eamet.errors import ParameterError
 
 
 def largest_main_thread_stall(work: Callable[[], object]) -> tuple[float, float]:
@@ -296,3 +298,22 @@ def test_signal_handler_exception_cancels_a_long_kernel(restore_threads: None) -
     # the pool is usable afterwards
     rep = eamet.misalignment(small[:100], small[:100], top_m=3)
     assert rep.total < 1e-6
+
+
+def test_kernel_threads_sets_and_restores_the_count(restore_threads: None) -> None:
+    """kernel_threads(n) runs its block on n kernel threads and restores the count after it, also when
+    the block raises; None leaves the count alone; a negative n is a ParameterError naming ``n``."""
+    eamet.set_num_threads(3)
+    with kernel_threads(1):
+        assert eamet.get_num_threads() == 1
+    assert eamet.get_num_threads() == 3
+    with pytest.raises(RuntimeError, match="inside"), kernel_threads(2):
+        assert eamet.get_num_threads() == 2
+        raise RuntimeError("inside")
+    assert eamet.get_num_threads() == 3
+    with kernel_threads(None):
+        assert eamet.get_num_threads() == 3
+    with pytest.raises(ParameterError) as info, kernel_threads(-1):
+        pass
+    assert info.value.argument == "n"
+    assert eamet.get_num_threads() == 3

@@ -18,7 +18,7 @@ import numpy as np
 from eamet import _core
 from eamet.choices import BosPolicy, PocketArch, ZDtype
 from eamet.config import METHODS
-from eamet.diagnostics import DEFAULT_TAU, DEFAULT_TOP_M, MisalignmentReport, misalignment
+from eamet.diagnostics import DEFAULT_TAU, DEFAULT_TOP_M, MisalignmentReport, kernel_threads, misalignment
 from eamet.errors import EametError
 from eamet.records import DATASET_KINDS
 
@@ -83,10 +83,7 @@ def _format_report(report: MisalignmentReport, worst: int, widths: tuple[int, in
 def _cmd_diagnose(args: argparse.Namespace) -> int:
     keys = _load_matrix(args.keys)
     residuals = _load_matrix(args.residuals)
-    threads_before = _core.get_num_threads()
-    if args.threads is not None:
-        _core.set_num_threads(args.threads)
-    try:
+    with kernel_threads(args.threads):
         report = misalignment(
             keys,
             residuals,
@@ -95,8 +92,6 @@ def _cmd_diagnose(args: argparse.Namespace) -> int:
             progressive=args.progressive,
             progress=not args.no_progress and sys.stderr.isatty(),
         )
-    finally:
-        _core.set_num_threads(threads_before)
     widths = (keys.shape[1], residuals.shape[1])
     print(_format_report(report, args.worst, widths))
     if args.json:

@@ -13,8 +13,9 @@ tiles, so 100k facts need memory proportional to N, not N².
 
 from __future__ import annotations
 
-import math
 import numbers
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from eamet._arrays import as_float_matrix
 from eamet._progress import progress_callback
 from eamet.errors import ParameterError
 
-__all__ = ["DEFAULT_TAU", "DEFAULT_TOP_M", "MisalignmentReport", "misalignment", "neighbors"]
+__all__ = [
+    "DEFAULT_TAU",
+    "DEFAULT_TOP_M",
+    "MisalignmentReport",
+    "kernel_threads",
+    "misalignment",
+    "neighbors",
+]
 
 DEFAULT_TAU = 0.07
 """Softmax temperature of the EAMET paper and reference code."""
@@ -135,21 +143,20 @@ def _percent(q: float) -> str:
     return str(int(p)) if float(p).is_integer() else f"{p:g}"
 
 
-def _check_tau(tau: Any) -> float:
+# The two converters below check types only; the core checks the ranges (tau finite and > 0, top_m
+# >= 1) and raises the same ParameterError naming the argument.
+
+
+def _as_tau(tau: Any) -> float:
     if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
         raise ParameterError(f"tau: must be a real number, got {tau!r}", argument="tau")
-    value = float(tau)
-    if not math.isfinite(value) or value <= 0:
-        raise ParameterError(f"tau: must be finite and > 0, got {tau!r}", argument="tau")
-    return value
+    return float(tau)
 
 
-def _check_top_m(top_m: Any) -> int:
+def _as_top_m(top_m: Any) -> int:
     if isinstance(top_m, bool) or not isinstance(top_m, numbers.Integral):
         raise ParameterError(f"top_m: must be an integer, got {top_m!r}", argument="top_m")
-    if top_m < 1:
-        raise ParameterError(f"top_m: must be at least 1, got {top_m}", argument="top_m")
-    # The core clamps to N - 1; clamping here first keeps arbitrarily large ints out of int64.
+    # The core clamps to N - 1; clamping here first keeps arbitrarily large ints within its int range.
     return min(int(top_m), _TOP_M_CAP)
 
 
@@ -185,8 +192,8 @@ def misalignment(
         DTypeError: non-float values.  NonFiniteError / ZeroNormError: names the first bad row.
         ParameterError: ``tau`` or ``top_m`` out of range.
     """
-    tau_value = _check_tau(tau)
-    m = _check_top_m(top_m)
+    tau_value = _as_tau(tau)
+    m = _as_top_m(top_m)
     k = as_float_matrix(keys, "keys")
     r = as_float_matrix(residuals, "residuals")
     show = _show_progress(progress, k.shape[0] if k.ndim else 0)
@@ -228,7 +235,31 @@ def neighbors(
     Raises:
         The errors of :func:`misalignment`, naming ``x``.
     """
-    m = _check_top_m(top_m)
+    m = _as_top_m(top_m)
     a = as_float_matrix(x, "x")
     with progress_callback(_show_progress(progress, a.shape[0] if a.ndim else 0), "neighbors") as cb:
         return _core.neighbors(a, m, progressive=bool(progressive), progress=cb)
+
+
+@contextmanager
+def kernel_threads(n: int | None) -> Iterator[None]:
+    """Runs the ``with`` block with the Rust kernels on ``n`` threads, then restores the previous count.
+
+    Args:
+        n: kernel threads inside the block (0: the default, ``EAMET_NUM_THREADS`` or every CPU);
+            ``None`` leaves the count as it is.
+
+    Raises:
+        ParameterError: ``n`` negative.
+
+    Example:
+        >>> with kernel_threads(1):
+        ...     report = misalignment(np.eye(3) + 1, np.eye(3) + 1)
+    """
+    before = _core.get_num_threads()
+    if n is not None:
+        _core.set_num_threads(n)
+    try:
+        yield
+    finally:
+        _core.set_num_threads(before)

@@ -66,12 +66,12 @@ class SecondMoment:
 
         Raises:
             ShapeError: ``total`` not 2-D or not square.  NonFiniteError: names the first bad row.
-            ParameterError: ``count`` < 1 or ``input_dtype`` unknown.  DTypeError: non-float values.
+            ParameterError: ``count`` outside [1, 2**63) or ``input_dtype`` unknown.  DTypeError: non-float
+                values.
         """
+        # Types only: the core checks the ranges (count in [1, 2**63), a known input_dtype).
         if isinstance(count, bool) or not isinstance(count, numbers.Integral):
             raise ParameterError(f"count: must be an integer, got {count!r}", argument="count")
-        if not 1 <= count < 2**63:
-            raise ParameterError(f"count: must be in [1, 2**63), got {count}", argument="count")
         if not isinstance(input_dtype, str):
             raise ParameterError(
                 f"input_dtype: must be a string, got {input_dtype!r}", argument="input_dtype"

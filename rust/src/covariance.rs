@@ -1,48 +1,107 @@
-//! `SecondMoment`: streaming Σ x xᵀ in float64 with a symmetric (upper-triangle) update, merge, and a
-//! self-describing, checksummed safetensors file.
+//! `SecondMoment`: streaming Σ x xᵀ in float64 with a symmetric (upper-triangle) update and merge.
 //!
 //! Only the blocks on and above the diagonal are computed, which halves the GEMM work of a plain
 //! `XᵀX`. Float32 batches are multiplied in float32 in chunks of at most [`CHUNK_ROWS`] rows (the
 //! rounding of one chunk's dot products, like a float32 `XᵀX`), and every chunk is added into the
 //! float64 sum, so the error does not grow with the number of samples. Float64 batches are
 //! multiplied and accumulated in float64.
+//!
+//! Submodules: `strips` (the GEMM strips, the accumulator's only unsafe code) and `file` (the
+//! checksummed safetensors file of [`SecondMoment::save`] and [`SecondMoment::load`]).
 
-use std::collections::HashMap;
-use std::fs;
-use std::io::Write;
-use std::ops::Range;
-use std::path::{Path, PathBuf};
+mod file;
+mod strips;
+
+use std::fmt;
+use std::str::FromStr;
 
 use ndarray::{ArrayView1, ArrayView2};
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
 use crate::cosine::Element;
 use crate::error::{checked_len, try_zeroed, CoreError, CoreResult};
 
 /// Rows multiplied in one float32 GEMM before the result is added into the float64 sum.
 pub const CHUNK_ROWS: usize = 2048;
-const FORMAT: &str = "eamet.SecondMoment";
-const FORMAT_VERSION: &str = "1";
-const TENSOR: &str = "sum_upper";
-const LAYOUT: &str = "upper-triangle-packed-row-major";
+
+/// Largest row count an accumulator may be given: counts stay within a signed 64-bit integer, the
+/// integer type of numpy and torch.
+pub const MAX_COUNT: u64 = i64::MAX as u64;
+
+/// The element types of the batches an accumulator has seen; written as "none", "float32",
+/// "float64" or "mixed" (the Python attribute and the file's `input_dtype` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InputDtype {
+    /// No batch yet.
+    #[default]
+    None,
+    Float32,
+    Float64,
+    /// Batches of both types.
+    Mixed,
+}
+
+impl InputDtype {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Float32 => "float32",
+            Self::Float64 => "float64",
+            Self::Mixed => "mixed",
+        }
+    }
+
+    /// The element types of two sets of batches together: `None` adds nothing, two different
+    /// types make `Mixed`.
+    #[must_use]
+    pub const fn merge(self, other: Self) -> Self {
+        match (self, other) {
+            (Self::None, x) | (x, Self::None) => x,
+            (Self::Float32, Self::Float32) => Self::Float32,
+            (Self::Float64, Self::Float64) => Self::Float64,
+            _ => Self::Mixed,
+        }
+    }
+}
+
+impl fmt::Display for InputDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A string that is none of "none", "float32", "float64" and "mixed".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown input_dtype '{0}'")]
+pub struct UnknownInputDtype(pub String);
+
+impl FromStr for InputDtype {
+    type Err = UnknownInputDtype;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Self::None, Self::Float32, Self::Float64, Self::Mixed]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+            .ok_or_else(|| UnknownInputDtype(s.to_string()))
+    }
+}
 
 /// Element types a batch may have, and how a tile of their products reaches the float64 sum.
 pub trait BatchElement: Element {
-    /// Bit recorded in `SecondMoment::seen` once a batch of this type was added.
-    const FLAG: u8;
+    /// What `SecondMoment::input_dtype` records once a batch of this type was added.
+    const INPUT_DTYPE: InputDtype;
     const ZERO: Self;
     const ONE: Self;
 }
 
 impl BatchElement for f32 {
-    const FLAG: u8 = 1;
+    const INPUT_DTYPE: InputDtype = InputDtype::Float32;
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
 }
 
 impl BatchElement for f64 {
-    const FLAG: u8 = 2;
+    const INPUT_DTYPE: InputDtype = InputDtype::Float64;
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
 }
@@ -54,35 +113,28 @@ pub struct SecondMoment {
     count: u64,
     /// dim×dim row-major; entries with column ≥ row hold the sum, the rest is scratch.
     sum: Vec<f64>,
-    /// Bit set of the element types seen (`BatchElement::FLAG`).
-    seen: u8,
+    /// The element types of the batches accumulated.
+    input_dtype: InputDtype,
 }
-
-/// A raw pointer that strips with disjoint output regions may share across threads.
-#[derive(Clone, Copy)]
-struct SharedMut<T>(*mut T);
-// SAFETY: every user writes only through disjoint index ranges (one strip each), see `add_strips`.
-unsafe impl<T> Send for SharedMut<T> {}
-unsafe impl<T> Sync for SharedMut<T> {}
 
 impl SecondMoment {
     /// An empty accumulator for rows of dimension `dim` (≥ 1); allocates dim² float64.
     pub fn new(dim: usize) -> CoreResult<Self> {
         if dim == 0 {
-            return Err(CoreError::parameter("dim", "must be at least 1"));
+            return Err(CoreError::parameter("dim", "must be at least 1, got 0"));
         }
         Ok(Self {
             dim,
             count: 0,
             sum: try_zeroed(checked_len(dim, dim, "dim")?, "the second-moment sum")?,
-            seen: 0,
+            input_dtype: InputDtype::None,
         })
     }
 
     /// An accumulator holding an already-accumulated sum `total` = Σ x xᵀ (dim×dim, any strides) over
-    /// `count` rows whose element type was `input_dtype` ("float32", "float64" or "mixed"), e.g. one
-    /// summed on a GPU. Only the upper triangle (diagonal included) is read, as `update` keeps it; the
-    /// whole matrix must be finite.
+    /// `count` rows (1 ≤ count ≤ [`MAX_COUNT`]) whose element type was `input_dtype` ("float32",
+    /// "float64" or "mixed"), e.g. one summed on a GPU. Only the upper triangle (diagonal included) is
+    /// read, as `update` keeps it; the whole matrix must be finite.
     pub fn from_sum<T: Element>(total: ArrayView2<'_, T>, count: u64, input_dtype: &str) -> CoreResult<Self> {
         let (rows, cols) = total.dim();
         if rows != cols {
@@ -91,19 +143,17 @@ impl SecondMoment {
         if rows == 0 {
             return Err(CoreError::empty("total", "is 0x0"));
         }
-        if count == 0 {
-            return Err(CoreError::parameter("count", "must be at least 1, got 0"));
+        if !(1..=MAX_COUNT).contains(&count) {
+            return Err(CoreError::parameter("count", format!("must be in [1, 2**63), got {count}")));
         }
-        let seen = match input_dtype {
-            "float32" => f32::FLAG,
-            "float64" => f64::FLAG,
-            "mixed" => f32::FLAG | f64::FLAG,
-            other => {
+        let input_dtype = match input_dtype.parse() {
+            Ok(InputDtype::None) | Err(_) => {
                 return Err(CoreError::parameter(
                     "input_dtype",
-                    format!("must be 'float32', 'float64' or 'mixed', got '{other}'"),
+                    format!("must be 'float32', 'float64' or 'mixed', got '{input_dtype}'"),
                 ))
             }
+            Ok(known) => known,
         };
         let first_bad = (0..rows).into_par_iter().filter(|&i| !row_is_finite(total.row(i))).min();
         if let Some(row) = first_bad {
@@ -116,7 +166,7 @@ impl SecondMoment {
             }
         });
         acc.count = count;
-        acc.seen = seen;
+        acc.input_dtype = input_dtype;
         Ok(acc)
     }
 
@@ -129,14 +179,9 @@ impl SecondMoment {
         self.count
     }
 
-    /// "float32", "float64", "mixed", or "none": the element types of the batches accumulated.
-    pub fn input_dtype(&self) -> &'static str {
-        match self.seen {
-            0 => "none",
-            1 => "float32",
-            2 => "float64",
-            _ => "mixed",
-        }
+    /// The element types of the batches accumulated.
+    pub fn input_dtype(&self) -> InputDtype {
+        self.input_dtype
     }
 
     /// Adds Σ x xᵀ over the rows of `batch` (n×dim, any strides). An empty batch changes nothing; a
@@ -167,53 +212,11 @@ impl SecondMoment {
                     &contiguous
                 }
             };
-            self.add_strips(data, chunk.nrows())?;
+            strips::add_strips(&mut self.sum, self.dim, data, chunk.nrows())?;
         }
         self.count += rows as u64;
-        self.seen |= T::FLAG;
+        self.input_dtype = self.input_dtype.merge(T::INPUT_DTYPE);
         Ok(())
-    }
-
-    /// Adds XᵀX of the row-major `rows×dim` matrix `x` into the upper triangle of the sum (and into the
-    /// lower half of the diagonal blocks, which is never read).
-    fn add_strips<T: BatchElement>(&mut self, x: &[T], rows: usize) -> CoreResult<()> {
-        let dim = self.dim;
-        // Strips: row block I times columns I.start..dim, one GEMM each, so the GEMM packs each panel
-        // once per strip rather than once per square tile (measured: 20 % faster at dim 1024 and 4096
-        // than 256/512 square tiles). 256 rows measured best; fewer rows when threads would idle.
-        let threads = rayon::current_num_threads();
-        let mut block = 256;
-        while block > 64 && dim.div_ceil(block) < 2 * threads {
-            block /= 2;
-        }
-        // Largest and smallest strips interleaved, so rayon's halving gives each thread a fair share.
-        let starts: Vec<usize> = (0..dim).step_by(block).collect();
-        let mut order = Vec::with_capacity(starts.len());
-        let (mut lo, mut hi) = (0usize, starts.len());
-        while lo < hi {
-            order.push(starts[lo]);
-            lo += 1;
-            if lo < hi {
-                hi -= 1;
-                order.push(starts[hi]);
-            }
-        }
-        let sum = SharedMut(self.sum.as_mut_ptr());
-        let scratch = block * dim;
-        order.par_iter().try_for_each_init(
-            || try_zeroed::<f32>(scratch, "second-moment strip"),
-            |tile, &start| -> CoreResult<()> {
-                let tile = tile.as_mut().map_err(|_| CoreError::OutOfMemory {
-                    what: "second-moment strip",
-                    bytes: scratch * 4,
-                })?;
-                let r = start..(start + block).min(dim);
-                // SAFETY: strips cover disjoint row ranges of `sum`, `r` and `c` lie inside 0..dim,
-                // and `x` holds rows×dim elements.
-                unsafe { accumulate_tile(x, rows, dim, r.clone(), start..dim, sum, tile) };
-                Ok(())
-            },
-        )
     }
 
     /// Adds another accumulator of the same dimension into this one.
@@ -226,7 +229,7 @@ impl SecondMoment {
         }
         self.sum.par_iter_mut().zip(other.sum.par_iter()).for_each(|(a, b)| *a += *b);
         self.count += other.count;
-        self.seen |= other.seen;
+        self.input_dtype = self.input_dtype.merge(other.input_dtype);
         Ok(())
     }
 
@@ -245,103 +248,6 @@ impl SecondMoment {
             }
         });
         Ok(out)
-    }
-
-    fn packed_upper(&self) -> Vec<f64> {
-        let dim = self.dim;
-        let mut packed = Vec::with_capacity(dim * (dim + 1) / 2);
-        for i in 0..dim {
-            packed.extend_from_slice(&self.sum[i * dim + i..(i + 1) * dim]);
-        }
-        packed
-    }
-
-    /// Writes the accumulator to `path` atomically (a temporary file in the same folder, fsync,
-    /// rename). `user_metadata` (JSON text) is stored beside dim, count, input dtype and a CRC-32.
-    pub fn save(&self, path: &Path, user_metadata: Option<&str>) -> CoreResult<()> {
-        let packed = self.packed_upper();
-        let bytes: Vec<u8> = packed.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let mut meta = HashMap::from([
-            ("format".to_string(), FORMAT.to_string()),
-            ("format_version".to_string(), FORMAT_VERSION.to_string()),
-            ("dim".to_string(), self.dim.to_string()),
-            ("count".to_string(), self.count.to_string()),
-            ("input_dtype".to_string(), self.input_dtype().to_string()),
-            ("accumulator_dtype".to_string(), "float64".to_string()),
-            ("layout".to_string(), LAYOUT.to_string()),
-            ("crc32".to_string(), format!("{:08x}", crc32fast::hash(&bytes))),
-        ]);
-        if let Some(m) = user_metadata {
-            meta.insert("metadata".to_string(), m.to_string());
-        }
-        let view = TensorView::new(Dtype::F64, vec![packed.len()], &bytes)
-            .map_err(|e| CoreError::Internal(format!("safetensors view: {e}")))?;
-        let encoded = safetensors::tensor::serialize([(TENSOR, view)], Some(meta))
-            .map_err(|e| CoreError::Internal(format!("safetensors serialize: {e}")))?;
-        write_atomically(path, &encoded)
-    }
-
-    /// Reads a file written by [`SecondMoment::save`]; returns the accumulator and its user metadata.
-    /// A file that is truncated, corrupt or of another kind is a [`CoreError::Cache`].
-    pub fn load(path: &Path) -> CoreResult<(Self, Option<String>)> {
-        let buffer = fs::read(path).map_err(|e| CoreError::io(path, e))?;
-        let bad = |msg: String| CoreError::cache(path, msg);
-        let tensors = SafeTensors::deserialize(&buffer)
-            .map_err(|e| bad(format!("not a readable safetensors file ({e})")))?;
-        let (_, header) =
-            SafeTensors::read_metadata(&buffer).map_err(|e| bad(format!("unreadable header ({e})")))?;
-        let meta = header
-            .metadata()
-            .as_ref()
-            .ok_or_else(|| bad("no eamet metadata: not a SecondMoment file".into()))?;
-        let field =
-            |key: &str| meta.get(key).ok_or_else(|| bad(format!("metadata field '{key}' is missing")));
-        if field("format")? != FORMAT {
-            return Err(bad(format!("format is '{}', expected '{FORMAT}'", field("format")?)));
-        }
-        if field("format_version")? != FORMAT_VERSION {
-            return Err(bad(format!("unsupported format version '{}'", field("format_version")?)));
-        }
-        if field("layout")? != LAYOUT {
-            return Err(bad(format!("unsupported layout '{}'", field("layout")?)));
-        }
-        let dim: usize = field("dim")?.parse().map_err(|_| bad("dim is not an integer".into()))?;
-        let count: u64 = field("count")?.parse().map_err(|_| bad("count is not an integer".into()))?;
-        let seen = match field("input_dtype")?.as_str() {
-            "none" => 0,
-            "float32" => 1,
-            "float64" => 2,
-            "mixed" => 3,
-            other => return Err(bad(format!("unknown input_dtype '{other}'"))),
-        };
-        let tensor = tensors.tensor(TENSOR).map_err(|_| bad(format!("tensor '{TENSOR}' is missing")))?;
-        let packed_len =
-            dim.checked_mul(dim + 1).map(|v| v / 2).ok_or_else(|| bad(format!("dim {dim} is too large")))?;
-        if tensor.dtype() != Dtype::F64 || tensor.shape() != [packed_len] {
-            return Err(bad(format!(
-                "tensor '{TENSOR}' is {:?} {:?}, expected F64 [{packed_len}] for dim {dim}",
-                tensor.dtype(),
-                tensor.shape()
-            )));
-        }
-        let data = tensor.data();
-        let crc = format!("{:08x}", crc32fast::hash(data));
-        if &crc != field("crc32")? {
-            return Err(bad(format!(
-                "checksum mismatch (stored {}, computed {crc}): the file is corrupt",
-                field("crc32")?
-            )));
-        }
-        let mut acc = SecondMoment::new(dim).map_err(|_| bad(format!("invalid dim {dim}")))?;
-        let mut values = data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")));
-        for i in 0..dim {
-            for (slot, v) in acc.sum[i * dim + i..(i + 1) * dim].iter_mut().zip(&mut values) {
-                *slot = v;
-            }
-        }
-        acc.count = count;
-        acc.seen = seen;
-        Ok((acc, meta.get("metadata").cloned()))
     }
 }
 
@@ -362,105 +268,6 @@ fn row_is_finite<T: Element>(row: ArrayView1<'_, T>) -> bool {
         }
         None => row.iter().all(|&v| v.into().is_finite()),
     }
-}
-
-/// Computes block (r, c) of XᵀX and adds it into `sum[r, c]`.
-///
-/// # Safety
-/// `x` must hold `rows * dim` elements; `r` and `c` must lie in `0..dim`; no other thread may touch
-/// the region `sum[r, c]` of the dim×dim matrix behind `sum` during the call; `tile` must hold at
-/// least `r.len() * c.len()` elements.
-unsafe fn accumulate_tile<T: BatchElement>(
-    x: &[T],
-    rows: usize,
-    dim: usize,
-    r: Range<usize>,
-    c: Range<usize>,
-    sum: SharedMut<f64>,
-    tile: &mut [f32],
-) {
-    let (m, n) = (r.len(), c.len());
-    // lhs = X[:, r]ᵀ (m×rows): element (a, t) at x[t*dim + r.start + a]; rhs = X[:, c] (rows×n).
-    let lhs = x.as_ptr().add(r.start);
-    let rhs = x.as_ptr().add(c.start);
-    let dst = sum.0.add(r.start * dim + c.start);
-    if T::FLAG == f64::FLAG {
-        // Float64 input: multiply and accumulate straight into the float64 sum.
-        gemm::gemm(
-            m,
-            n,
-            rows,
-            dst as *mut T,
-            1,
-            dim as isize,
-            true,
-            lhs,
-            dim as isize,
-            1,
-            rhs,
-            1,
-            dim as isize,
-            T::ONE,
-            T::ONE,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    } else {
-        gemm::gemm(
-            m,
-            n,
-            rows,
-            tile.as_mut_ptr() as *mut T,
-            1,
-            n as isize,
-            false,
-            lhs,
-            dim as isize,
-            1,
-            rhs,
-            1,
-            dim as isize,
-            T::ZERO,
-            T::ONE,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-        for a in 0..m {
-            let out = std::slice::from_raw_parts_mut(dst.add(a * dim), n);
-            for (o, &t) in out.iter_mut().zip(&tile[a * n..(a + 1) * n]) {
-                *o += t as f64;
-            }
-        }
-    }
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> CoreResult<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| CoreError::parameter("path", format!("'{}' names no file", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Ok(d) = fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    result.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        CoreError::io(path, e)
-    })
 }
 
 #[cfg(test)]
@@ -487,7 +294,7 @@ mod tests {
         acc.update(x.view()).unwrap();
         let got = Array2::from_shape_vec((70, 70), acc.moment().unwrap()).unwrap();
         assert!((&got - &naive(&x)).iter().all(|v| v.abs() < 1e-13));
-        assert_eq!(acc.input_dtype(), "float64");
+        assert_eq!(acc.input_dtype(), InputDtype::Float64);
     }
 
     #[test]
@@ -518,7 +325,7 @@ mod tests {
         b.update(x.slice(ndarray::s![71.., ..]).mapv(|v| v as f32).view()).unwrap();
         a.merge(&b).unwrap();
         assert_eq!(a.count(), 200);
-        assert_eq!(a.input_dtype(), "mixed");
+        assert_eq!(a.input_dtype(), InputDtype::Mixed);
         let (ma, mw) = (a.moment().unwrap(), whole.moment().unwrap());
         assert!(ma.iter().zip(&mw).all(|(p, q)| (p - q).abs() < 1e-7));
         assert!(matches!(a.merge(&SecondMoment::new(4).unwrap()), Err(CoreError::Shape { .. })));
@@ -550,10 +357,10 @@ mod tests {
         let acc = SecondMoment::from_sum(total.view(), 40, "float64").unwrap();
         let (got, want) = (acc.moment().unwrap(), streamed.moment().unwrap());
         assert!(got.iter().zip(&want).all(|(p, q)| (p - q).abs() <= 1e-12 * q.abs().max(1e-3)));
-        assert_eq!((acc.count(), acc.input_dtype()), (40, "float64"));
+        assert_eq!((acc.count(), acc.input_dtype()), (40, InputDtype::Float64));
         let single = total.mapv(|v| v as f32);
         let strided = SecondMoment::from_sum(single.t(), 3, "mixed").unwrap();
-        assert_eq!((strided.dim(), strided.input_dtype()), (7, "mixed"));
+        assert_eq!((strided.dim(), strided.input_dtype()), (7, InputDtype::Mixed));
         assert_eq!(strided.moment().unwrap()[7], (total[(1, 0)] as f32) as f64 / 3.0, "transposed view");
 
         total[(5, 6)] = f64::INFINITY;
@@ -570,33 +377,33 @@ mod tests {
     }
 
     #[test]
-    fn save_load_round_trips_and_detects_damage() {
-        let dir = std::env::temp_dir().join(format!("eamet-sm-test-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("m.safetensors");
-        let mut acc = SecondMoment::new(9).unwrap();
-        acc.update(random(7, 20, 9).mapv(|v| v as f32).view()).unwrap();
-        acc.save(&path, Some("{\"layer\": 3}")).unwrap();
-        let (back, meta) = SecondMoment::load(&path).unwrap();
-        assert_eq!(back.moment().unwrap(), acc.moment().unwrap());
-        assert_eq!(
-            (back.count(), back.input_dtype(), meta.as_deref()),
-            (20, "float32", Some("{\"layer\": 3}"))
-        );
+    fn from_sum_names_count_and_input_dtype() {
+        let eye = Array2::<f64>::eye(2);
+        let argument = |r: CoreResult<SecondMoment>| match r {
+            Err(CoreError::Parameter { argument, .. }) => argument,
+            other => panic!("expected a parameter error, got {other:?}"),
+        };
+        assert_eq!(SecondMoment::from_sum(eye.view(), MAX_COUNT, "float32").unwrap().count(), MAX_COUNT);
+        assert_eq!(argument(SecondMoment::from_sum(eye.view(), MAX_COUNT + 1, "float32")), "count");
+        assert_eq!(argument(SecondMoment::from_sum(eye.view(), 0, "float32")), "count");
+        for bad in ["none", "Float32", "float16", ""] {
+            assert_eq!(argument(SecondMoment::from_sum(eye.view(), 1, bad)), "input_dtype", "{bad:?}");
+        }
+    }
 
-        let bytes = fs::read(&path).unwrap();
-        let mut flipped = bytes.clone();
-        let last = flipped.len() - 3;
-        flipped[last] ^= 0x40;
-        fs::write(&path, &flipped).unwrap();
-        assert!(
-            matches!(SecondMoment::load(&path), Err(CoreError::Cache { ref message, .. }) if message.contains("checksum"))
+    #[test]
+    fn input_dtype_strings_round_trip_and_merge() {
+        use InputDtype::*;
+        for d in [None, Float32, Float64, Mixed] {
+            assert_eq!(d.to_string().parse::<InputDtype>(), Ok(d));
+            assert_eq!(d.to_string(), d.as_str());
+            assert_eq!((d.merge(None), None.merge(d), d.merge(d), d.merge(Mixed)), (d, d, d, Mixed));
+        }
+        assert_eq!(
+            ["none", "float32", "float64", "mixed"].map(|s| s.parse::<InputDtype>().unwrap()),
+            [None, Float32, Float64, Mixed]
         );
-        fs::write(&path, &bytes[..bytes.len() - 8]).unwrap();
-        assert!(matches!(SecondMoment::load(&path), Err(CoreError::Cache { .. })));
-        fs::write(&path, b"not a file we wrote").unwrap();
-        assert!(matches!(SecondMoment::load(&path), Err(CoreError::Cache { .. })));
-        assert!(matches!(SecondMoment::load(&dir.join("missing")), Err(CoreError::Io { .. })));
-        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((Float32.merge(Float64), Float64.merge(Float32)), (Mixed, Mixed));
+        assert_eq!("Float32".parse::<InputDtype>(), Err(UnknownInputDtype("Float32".into())));
     }
 }

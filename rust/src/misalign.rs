@@ -141,11 +141,11 @@ pub fn misalignment<K: Element, R: Element>(
     if !(params.tau.is_finite() && params.tau > 0.0 && inv_tau.is_finite()) {
         return Err(CoreError::parameter(
             "tau",
-            format!("must be a finite number > 0 whose inverse fits float32, got {}", params.tau),
+            format!("must be a finite number > 0 whose inverse fits float32, got {:?}", params.tau),
         ));
     }
     if params.top_m < 1 {
-        return Err(CoreError::parameter("top_m", "must be at least 1"));
+        return Err(CoreError::parameter("top_m", "must be at least 1, got 0"));
     }
     let m = params.top_m.min(n - 1);
     let unit_k = normalize_rows(keys, "keys")?;
@@ -162,23 +162,21 @@ pub fn misalignment<K: Element, R: Element>(
         .map(|s| BlockState::new((s + block).min(n) - s, m).map(Mutex::new))
         .collect::<CoreResult<_>>()?;
     let scratch = checked_len(block, block, "block")?;
+    let pass = TilePass {
+        unit_k: &unit_k,
+        unit_r: &unit_r,
+        block,
+        progressive: params.progressive,
+        inv_tau,
+        states: &states,
+    };
     tiles.par_iter().try_for_each_init(
         || tile_buffers(scratch),
         |buf, (rows, cols)| -> CoreResult<()> {
             control.check()?;
             let bufs =
                 buf.as_mut().map_err(|e| CoreError::OutOfMemory { what: "similarity tiles", bytes: *e })?;
-            process_tile(
-                &unit_k,
-                &unit_r,
-                rows.clone(),
-                cols.clone(),
-                block,
-                params.progressive,
-                inv_tau,
-                bufs,
-                &states,
-            );
+            pass.process_tile(rows.clone(), cols.clone(), bufs);
             control.advance(1);
             Ok(())
         },
@@ -192,37 +190,45 @@ fn tile_buffers(len: usize) -> Result<[Vec<f32>; 2], usize> {
     Ok([alloc()?, alloc()?])
 }
 
-#[allow(clippy::too_many_arguments)]
-fn process_tile(
-    unit_k: &UnitRows,
-    unit_r: &UnitRows,
-    rows: Range<usize>,
-    cols: Range<usize>,
+/// What every tile of one misalignment pass shares: the unit rows, the tiling, the settings and the
+/// reductions of each row block.
+struct TilePass<'a> {
+    unit_k: &'a UnitRows,
+    unit_r: &'a UnitRows,
+    /// Tile edge; row block b holds rows b·block.. and owns `states[b]`.
     block: usize,
     progressive: bool,
+    /// 1/τ in float32, as the exponentials use it.
     inv_tau: f32,
-    bufs: &mut [Vec<f32>; 2],
-    states: &[Mutex<BlockState>],
-) {
-    let (h, w) = (rows.len(), cols.len());
-    let [tk, tr] = bufs;
-    cosine_tile(unit_k, rows.clone(), unit_k, cols.clone(), tk);
-    cosine_tile(unit_r, rows.clone(), unit_r, cols.clone(), tr);
-    let (tk, tr) = (&tk[..h * w], &tr[..h * w]);
-    let diagonal = rows.start == cols.start;
-    let support = match (diagonal, progressive) {
-        (false, _) => Support::All,
-        (true, false) => Support::NotSelf,
-        (true, true) => Support::Before,
-    };
-    {
-        let mut state = states[rows.start / block].lock().unwrap_or_else(|e| e.into_inner());
-        update_rows(&mut state, tk, tr, w, cols.start, support, inv_tau);
-    }
-    if !diagonal && !progressive {
-        // The same tile, read by columns, serves the rows of the column block.
-        let mut state = states[cols.start / block].lock().unwrap_or_else(|e| e.into_inner());
-        update_columns(&mut state, tk, tr, w, rows.start, inv_tau);
+    states: &'a [Mutex<BlockState>],
+}
+
+impl TilePass<'_> {
+    /// Computes the key and residual cosine tiles of `rows × cols` into `bufs` and folds them into
+    /// the reductions of the row block and, for an off-diagonal tile of the full support, of the
+    /// column block too.
+    fn process_tile(&self, rows: Range<usize>, cols: Range<usize>, bufs: &mut [Vec<f32>; 2]) {
+        let Self { unit_k, unit_r, block, progressive, inv_tau, states } = *self;
+        let (h, w) = (rows.len(), cols.len());
+        let [tk, tr] = bufs;
+        cosine_tile(unit_k, rows.clone(), unit_k, cols.clone(), tk);
+        cosine_tile(unit_r, rows.clone(), unit_r, cols.clone(), tr);
+        let (tk, tr) = (&tk[..h * w], &tr[..h * w]);
+        let diagonal = rows.start == cols.start;
+        let support = match (diagonal, progressive) {
+            (false, _) => Support::All,
+            (true, false) => Support::NotSelf,
+            (true, true) => Support::Before,
+        };
+        {
+            let mut state = states[rows.start / block].lock().unwrap_or_else(|e| e.into_inner());
+            update_rows(&mut state, tk, tr, w, cols.start, support, inv_tau);
+        }
+        if !diagonal && !progressive {
+            // The same tile, read by columns, serves the rows of the column block.
+            let mut state = states[cols.start / block].lock().unwrap_or_else(|e| e.into_inner());
+            update_columns(&mut state, tk, tr, w, rows.start, inv_tau);
+        }
     }
 }
 

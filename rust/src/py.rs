@@ -1,6 +1,8 @@
-//! Thin PyO3 wrappers: borrow numpy arrays read-only, validate, release the GIL, map errors.
+//! Thin PyO3 wrappers: borrow numpy arrays read-only, convert arguments, release the GIL, map errors.
 //!
-//! No maths lives here. Long kernels run on a worker thread while the calling thread waits with the
+//! No maths and no range checks live here: the kernels check their own arguments and name them in
+//! their errors; this layer only rejects what the Rust types cannot hold (a negative int for a
+//! `usize`). Long kernels run on a worker thread while the calling thread waits with the
 //! GIL released, waking every 100 ms to run Python signal handlers (Ctrl-C cancels the kernel between
 //! tiles) and to report progress to an optional callback.
 
@@ -112,6 +114,23 @@ impl<'py> FloatMatrix<'py> {
     }
 }
 
+/// Evaluates `$body` with `$view` bound to the `ArrayView2` of a [`FloatMatrix`], whichever its
+/// element type: one generic kernel call, compiled for float32 and float64.
+macro_rules! with_view {
+    ($matrix:expr, |$view:ident| $body:expr) => {
+        match $matrix {
+            FloatMatrix::F32(a) => {
+                let $view = a.as_array();
+                $body
+            }
+            FloatMatrix::F64(a) => {
+                let $view = a.as_array();
+                $body
+            }
+        }
+    };
+}
+
 /// Runs `work` on the core's pool from a worker thread while this thread waits without the GIL,
 /// polling for Ctrl-C and reporting `(done, total)` to `progress` every 100 ms.
 fn run_interruptible<R: Send>(
@@ -168,14 +187,19 @@ fn run_interruptible<R: Send>(
     }
 }
 
-fn usize_arg(py: Python<'_>, value: i64, argument: &str, minimum: i64) -> PyResult<usize> {
-    if value < minimum {
-        return Err(core_to_py(
-            py,
-            CoreError::parameter(argument, format!("must be at least {minimum}, got {value}")),
-        ));
-    }
-    Ok(value as usize)
+/// Converts an int argument to the unsigned type a kernel takes. Ints arrive as `i128`, so that
+/// negative and oversized values reach this function instead of failing inside PyO3 as a bare
+/// OverflowError; the kernel checks the range it needs, this only names `argument` in a
+/// ParameterError for a value the type cannot hold.
+fn unsigned_arg<T: TryFrom<i128>>(py: Python<'_>, value: i128, argument: &str) -> PyResult<T> {
+    T::try_from(value).map_err(|_| {
+        let rule = if value < 0 {
+            "must not be negative".to_string()
+        } else {
+            format!("must be below 2**{}", 8 * std::mem::size_of::<T>())
+        };
+        core_to_py(py, CoreError::parameter(argument, format!("{rule}, got {value}")))
+    })
 }
 
 /// Fused misalignment kernel; see `eamet.misalignment` for the documented entry point.
@@ -187,31 +211,22 @@ fn misalignment<'py>(
     keys: &Bound<'py, PyAny>,
     residuals: &Bound<'py, PyAny>,
     tau: f64,
-    top_m: i64,
+    top_m: i128,
     progressive: bool,
-    block: i64,
+    block: i128,
     progress: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let keys = FloatMatrix::extract(keys, "keys")?;
     let residuals = FloatMatrix::extract(residuals, "residuals")?;
     let params = MisalignParams {
         tau,
-        top_m: usize_arg(py, top_m, "top_m", 1)?,
+        top_m: unsigned_arg(py, top_m, "top_m")?,
         progressive,
-        block: usize_arg(py, block, "block", 0)?,
+        block: unsigned_arg(py, block, "block")?,
     };
-    macro_rules! run {
-        ($k:expr, $r:expr) => {{
-            let (k, r) = ($k.as_array(), $r.as_array());
-            run_interruptible(py, progress, |c| misalignment_kernel(k, r, &params, c))?
-        }};
-    }
-    let out = match (&keys, &residuals) {
-        (FloatMatrix::F32(k), FloatMatrix::F32(r)) => run!(k, r),
-        (FloatMatrix::F32(k), FloatMatrix::F64(r)) => run!(k, r),
-        (FloatMatrix::F64(k), FloatMatrix::F32(r)) => run!(k, r),
-        (FloatMatrix::F64(k), FloatMatrix::F64(r)) => run!(k, r),
-    };
+    let out = with_view!(&keys, |k| with_view!(&residuals, |r| {
+        run_interruptible(py, progress, |c| misalignment_kernel(k, r, &params, c))?
+    }));
     let (n, m) = (out.n, out.m);
     let matrix = |v: Vec<i64>| v.into_pyarray(py).reshape([n, m]);
     let matrix32 = |v: Vec<f32>| v.into_pyarray(py).reshape([n, m]);
@@ -237,24 +252,17 @@ type NeighborArrays<'py> = (Bound<'py, PyArray2<i64>>, Bound<'py, PyArray2<f32>>
 fn neighbors<'py>(
     py: Python<'py>,
     x: &Bound<'py, PyAny>,
-    top_m: i64,
+    top_m: i128,
     progressive: bool,
-    block: i64,
+    block: i128,
     progress: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<NeighborArrays<'py>> {
-    let top_m = usize_arg(py, top_m, "top_m", 1)?;
-    let block = usize_arg(py, block, "block", 0)?;
+    let top_m = unsigned_arg(py, top_m, "top_m")?;
+    let block = unsigned_arg(py, block, "block")?;
     let x = FloatMatrix::extract(x, "x")?;
-    let out = match &x {
-        FloatMatrix::F32(a) => {
-            let v = a.as_array();
-            run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
-        }
-        FloatMatrix::F64(a) => {
-            let v = a.as_array();
-            run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
-        }
-    };
+    let out = with_view!(&x, |v| {
+        run_interruptible(py, progress, |c| neighbor_lists(v, top_m, progressive, block, c))?
+    });
     let (n, m) = (out.n, out.m);
     Ok((out.indices.into_pyarray(py).reshape([n, m])?, out.sims.into_pyarray(py).reshape([n, m])?))
 }
@@ -268,27 +276,20 @@ pub struct PySecondMoment {
 #[pymethods]
 impl PySecondMoment {
     #[new]
-    fn new(py: Python<'_>, dim: i64) -> PyResult<Self> {
-        let dim = usize_arg(py, dim, "dim", 1)?;
+    fn new(py: Python<'_>, dim: i128) -> PyResult<Self> {
+        let dim = unsigned_arg(py, dim, "dim")?;
         Ok(Self { inner: SecondMoment::new(dim).map_err(|e| core_to_py(py, e))? })
     }
 
     /// An accumulator from an already-accumulated Σ x xᵀ (upper triangle read) over `count` rows.
     #[staticmethod]
     #[pyo3(signature = (total, count, input_dtype="float32"))]
-    fn from_sum(py: Python<'_>, total: &Bound<'_, PyAny>, count: i64, input_dtype: &str) -> PyResult<Self> {
-        let count = usize_arg(py, count, "count", 1)? as u64;
+    fn from_sum(py: Python<'_>, total: &Bound<'_, PyAny>, count: i128, input_dtype: &str) -> PyResult<Self> {
+        let count = unsigned_arg(py, count, "count")?;
         let total = FloatMatrix::extract(total, "total")?;
-        let result = match &total {
-            FloatMatrix::F32(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
-            }
-            FloatMatrix::F64(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
-            }
-        };
+        let result = with_view!(&total, |v| {
+            py.detach(|| pool::run(|| SecondMoment::from_sum(v, count, input_dtype)))
+        });
         Ok(Self { inner: result.map_err(|e| core_to_py(py, e))? })
     }
 
@@ -304,22 +305,13 @@ impl PySecondMoment {
 
     #[getter]
     fn input_dtype(&self) -> &'static str {
-        self.inner.input_dtype()
+        self.inner.input_dtype().as_str()
     }
 
     fn update(&mut self, py: Python<'_>, batch: &Bound<'_, PyAny>) -> PyResult<()> {
         let batch = FloatMatrix::extract(batch, "batch")?;
         let inner = &mut self.inner;
-        let result = match &batch {
-            FloatMatrix::F32(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| inner.update(v)))
-            }
-            FloatMatrix::F64(a) => {
-                let v = a.as_array();
-                py.detach(|| pool::run(|| inner.update(v)))
-            }
-        };
+        let result = with_view!(&batch, |v| py.detach(|| pool::run(|| inner.update(v))));
         result.map_err(|e| core_to_py(py, e))
     }
 
@@ -377,8 +369,8 @@ fn get_num_threads() -> usize {
 
 /// Sets the number of kernel threads; 0 restores the default (`EAMET_NUM_THREADS` or all CPUs).
 #[pyfunction]
-fn set_num_threads(py: Python<'_>, n: i64) -> PyResult<()> {
-    pool::set_num_threads(usize_arg(py, n, "n", 0)?);
+fn set_num_threads(py: Python<'_>, n: i128) -> PyResult<()> {
+    pool::set_num_threads(unsigned_arg(py, n, "n")?);
     Ok(())
 }
 

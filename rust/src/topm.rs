@@ -189,7 +189,7 @@ pub fn neighbor_lists<T: Element>(
         return Err(CoreError::shape("x", format!("needs at least 2 rows, got {n}")));
     }
     if top_m < 1 {
-        return Err(CoreError::parameter("top_m", "must be at least 1"));
+        return Err(CoreError::parameter("top_m", "must be at least 1, got 0"));
     }
     check_row_count(n, "x")?;
     let m = top_m.min(n - 1);
