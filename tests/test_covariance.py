@@ -180,7 +180,7 @@ def test_batch_tokens_changes_neither_result_nor_cache_name(
     a, b = small.moments([1])[1], large.moments([1])[1]
     assert a.count == b.count
     np.testing.assert_allclose(a.moment(), b.moment(), rtol=1e-5, atol=1e-7)
-    cid = small._corpus()[0]
+    cid = small.corpus_id()
     assert small.cache_path(small.settings(1, cid)).name == large.cache_path(large.settings(1, cid)).name
 
 
@@ -267,7 +267,7 @@ def test_cache_file_with_other_settings_is_rebuilt(models: dict[str, nn.Module],
     tokenizer, model = bpe_tokenizer(False), models["gpt2"]
     other = _collector(model, tokenizer, tmp_path / "other", max_length=4).moments([1])[1]
     collector = _collector(model, tokenizer, tmp_path)
-    target = collector.cache_path(collector.settings(1, collector._corpus()[0]))
+    target = collector.cache_path(collector.settings(1, collector.corpus_id()))
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(next((tmp_path / "other").glob("*.safetensors")), target)  # as if the names collided
     with pytest.warns(UserWarning, match="different settings"):
@@ -280,7 +280,7 @@ def test_cache_metadata_holds_every_setting(models: dict[str, nn.Module], tmp_pa
     tokenizer, model = sentencepiece_tokenizer(), models["llama"]
     collector = _collector(model, tokenizer, tmp_path)
     found = collector.moments(LAYERS)
-    corpus_id = collector._corpus()[0]
+    corpus_id = collector.corpus_id()
     for layer in LAYERS:
         settings = collector.settings(layer, corpus_id)
         assert {"model", "layer", "corpus", "n_samples", "max_length", "bos_prefix", "dtype"} <= set(settings)
@@ -294,7 +294,7 @@ def test_cache_metadata_holds_every_setting(models: dict[str, nn.Module], tmp_pa
 
 
 def _name(collector: CovarianceCollector, layer: int = 1) -> str:
-    return collector.cache_path(collector.settings(layer, collector._corpus()[0])).name
+    return collector.cache_path(collector.settings(layer, collector.corpus_id())).name
 
 
 def test_cache_name_depends_on_every_setting(models: dict[str, nn.Module], tmp_path: Path) -> None:

@@ -126,7 +126,7 @@ def test_statistics_record_the_source_and_key_on_the_tokenizer(tmp_path: Path) -
     assert acc.metadata["source"] == "org/tiny@0123abcd"
     assert first.moments([1])[1].metadata == acc.metadata  # found again: "source" is not part of the key
     other = collector(sentencepiece_tokenizer(vocab_size=200))
-    corpus_id = first._corpus()[0]
+    corpus_id = first.corpus_id()
     assert first.settings(1, corpus_id)["tokenizer"] != other.settings(1, corpus_id)["tokenizer"]
     assert first.cache_path(first.settings(1, corpus_id)) != other.cache_path(other.settings(1, corpus_id))
 
