@@ -18,7 +18,8 @@ import torch
 
 from eamet import ArchSpec, EditConfig
 from eamet.arch import arch_for
-from eamet.residuals import ResidualInjector, ResidualOptimizer, resolve_z_dtype
+from eamet.residual_forward import ResidualInjector
+from eamet.residuals import ResidualOptimizer, resolve_z_dtype
 from editing_helpers import make_editor, small_config, small_facts, small_model
 from tiny import bpe_tokenizer
 
@@ -71,6 +72,37 @@ def test_fast_forward_gives_the_full_forwards_residuals(family: str, tok: Any, t
     assert [s.steps for s in fast.stats] == [s.steps for s in full.stats]
     assert all(abs(a.nll - b.nll) <= 1e-4 * (1 + b.nll) for a, b in zip(fast.stats, full.stats, strict=True))
     assert float(fast.deltas.norm()) > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_runs_the_cached_prefix_path(family: str, tok: Any, tmp_path: Path) -> None:
+    """The fastest path (positions before the fact token cached in every block) is the one chosen; it
+    gives the whole model's scores, and they move when its cached states are wrong."""
+    from eamet.keys import PromptSet
+    from eamet.residual_forward import CachedSuffixForward, FactBatch, FullForward
+    from eamet.residuals import KeyNeighborhood
+
+    model = small_model(family)
+    samples = 400 if family == "falcon" else 50
+    config = small_config(model, "eamet", layers=(1, 2), mom2_n_samples=samples)
+    editor = make_editor(model, tok, config, tmp_path)
+    prompts = PromptSet.build(editor.tokens, small_facts(3), editor._templates(), config.fact_token)
+    keys = editor._keys(prompts, 2, False)[0]
+    optimizer = ResidualOptimizer(
+        model, editor.parts, editor.tokens, config, prompts, KeyNeighborhood.of(keys)
+    )
+    batch = FactBatch.build(editor.tokens, prompts, range(3), config, torch.device("cpu"))
+    with torch.no_grad():
+        chosen = optimizer._choose_forward(batch)
+        assert isinstance(chosen, CachedSuffixForward), family
+        sub, rows = batch.select(torch.arange(3))
+        full = FullForward(model, editor.parts, 2, editor.parts.num_layers - 1)
+        probe = 0.5 * full.bare_hidden(batch, None)
+        prepared = chosen.prepare(batch, torch.float32)
+        prepared.keys = [k * 2 for k in prepared.keys]
+        wrong = chosen.log_probs(sub, prepared, rows, probe, torch.float32)[0]
+        right = full.log_probs(sub, None, rows, probe, torch.float32)[0]
+        assert float((wrong - right).abs().max()) > 1e-5, "the cached states are not read"
 
 
 def test_fast_forward_scores_an_earlier_block(tok: Any, tmp_path: Path) -> None:
@@ -193,7 +225,7 @@ def test_a_head_that_is_not_the_models_falls_back_to_the_full_forward(tok: Any, 
     # ... so a "final norm" that is another RMSNorm (weights 1) makes the fast path's logits wrong.
     wrong = ArchSpec(spec.blocks, spec.rewrite, "model.layers.0.input_layernorm", spec.unembed)
     config = small_config(model, "memit", modules=wrong)
-    with pytest.warns(UserWarning, match="fast path differs"):
+    with pytest.warns(UserWarning, match="fast paths differ"):
         fallback = edit(model, tok, config, tmp_path)
     full = edit(model, tok, config.replace(z_forward="full"), tmp_path)
     assert torch.equal(fallback.deltas, full.deltas)

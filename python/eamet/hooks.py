@@ -104,7 +104,7 @@ def add_to_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]
         handle.remove()
 
 
-def run_until(model: nn.Module, stop_after: nn.Module, **inputs: torch.Tensor) -> None:
+def run_until(model: nn.Module, stop_after: nn.Module, **inputs: Any) -> None:
     """Runs ``model(**inputs)`` and stops as soon as ``stop_after`` has produced its output."""
 
     def stop(_m: nn.Module, _a: tuple[Any, ...], _o: Any) -> None:

@@ -32,7 +32,7 @@ from eamet.errors import NonFiniteError
 from eamet.keys import PromptSet
 from eamet.losses import alignment_kl_rows, essence_kl, norm_penalty, topm_mse_rows
 from eamet.parts import ModelParts
-from eamet.residual_forward import FactBatch, FullForward, ResidualInjector, SuffixForward
+from eamet.residual_forward import CachedSuffixForward, FactBatch, FullForward, SuffixForward
 from eamet.tokens import TokenAdapter
 
 if TYPE_CHECKING:
@@ -220,9 +220,8 @@ class ResidualOptimizer:
         self.device = parts.device
         self.compute_dtype = resolve_z_dtype(config.z_dtype, self.device)
         self.align = config.cs_factor > 0 or config.mse_factor > 0
-        kind = SuffixForward if config.z_forward == "fast" else FullForward
-        self._forward: SuffixForward | FullForward = kind(model, parts, self.layer, self.score_layer)
-        self._checked = config.z_forward == "full"  # the fast path is checked on the first batch
+        # How the iterations run the model: chosen on the first batch (see _choose_forward).
+        self.forward: CachedSuffixForward | SuffixForward | FullForward | None = None
 
     # -- all facts -------------------------------------------------------------------------------------
 
@@ -274,15 +273,15 @@ class ResidualOptimizer:
         """
         start_time = time.perf_counter()
         batch = FactBatch.build(self.tokens, self.prompts, facts, self.config, self.device)
-        cache = self._forward.prepare(batch)
-        h = self._forward.bare_hidden(batch, cache)
+        if self.forward is None:
+            self.forward = self._choose_forward(batch)
+        cache = self.forward.prepare(batch, self.compute_dtype)
+        h = self.forward.bare_hidden(batch, cache)
         key_norms = self.nbhd.norms[facts.start : facts.stop].float()
         h_norms = h.norm(dim=1)
         init = self._initial(h, h_norms, key_norms)
         radius = self._radius(key_norms, h_norms)
         alignment = self._alignment(facts) if self.align and facts.stop > 1 else None
-        if not self._checked:
-            self._check_fast_path(batch, cache, init)
         mode = self.config.batch_alignment if len(facts) > 1 else "current"
         descent = self._descend(facts, batch, cache, saved, alignment, init, h_norms, key_norms, radius, None)
         if alignment is not None and mode == "second_pass":
@@ -307,7 +306,7 @@ class ResidualOptimizer:
         self,
         facts: range,
         batch: FactBatch,
-        cache: dict[int, Any],
+        cache: Any,
         saved: torch.Tensor,
         alignment: _Alignment | None,
         init: torch.Tensor,
@@ -318,7 +317,8 @@ class ResidualOptimizer:
     ) -> _Descent:
         """Adam on the batch's residual rows until each fact stops; ``first_pass`` (B, d): in-batch
         alignment candidates from a previous pass (``second_pass``)."""
-        cfg = self.config
+        cfg, forward = self.config, self.forward
+        assert forward is not None
         size = len(facts)
         delta = init.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -344,8 +344,7 @@ class ResidualOptimizer:
             stopping = torch.zeros_like(active)
             for chunk in self._chunks(active.nonzero()[:, 0], batch):
                 sub, rows = batch.select(chunk)
-                inject = ResidualInjector(delta[chunk], sub.fact_of_row, sub.inject_at)
-                log_probs, ess = self._forward.log_probs(sub, cache, rows, inject, self.compute_dtype)
+                log_probs, ess = forward.log_probs(sub, cache, rows, delta[chunk], self.compute_dtype)
                 if anchor is None:
                     anchor = ess.new_zeros((size, ess.shape[1]))
                 if it == 0 and anchor_from_first:
@@ -490,34 +489,45 @@ class ResidualOptimizer:
         )
 
     @torch.no_grad()
-    def _unedited_anchor(
-        self, batch: FactBatch, cache: dict[int, Any], init: torch.Tensor
-    ) -> torch.Tensor | None:
+    def _unedited_anchor(self, batch: FactBatch, cache: Any, init: torch.Tensor) -> torch.Tensor | None:
         """The essence distributions without any residual (``kl_anchor="unedited"``), or ``None`` when
         δ₀ = 0 for every fact (then iteration 0 is the unedited model and gives them)."""
         if not bool(init.any()):
             return None
+        assert self.forward is not None
         sub, rows = batch.select(torch.arange(batch.size, device=self.device))
-        zero = ResidualInjector(torch.zeros_like(init), sub.fact_of_row, sub.inject_at)
-        return self._forward.log_probs(sub, cache, rows, zero, self.compute_dtype)[1]
+        return self.forward.log_probs(sub, cache, rows, torch.zeros_like(init), self.compute_dtype)[1]
 
     @torch.no_grad()
-    def _check_fast_path(self, batch: FactBatch, cache: dict[int, Any], init: torch.Tensor) -> None:
-        """Compares the fast path's scores with the whole model's on the first batch (float32); on a
-        mismatch (an ArchSpec whose final norm and unembedding do not give the model's logits) warns and
-        uses the whole model from then on."""
-        self._checked = True
+    def _choose_forward(self, batch: FactBatch) -> CachedSuffixForward | SuffixForward | FullForward:
+        """The fastest way to run the iterations that gives the whole model's scores on this batch.
+
+        ``z_forward="full"`` is the whole model. Otherwise the cached-prefix path, then the suffix path, are
+        scored against the whole model (float32, with a residual of half of h at every fact token); the
+        first that agrees to 2e-4 in every log-probability (float32 rounding is ~1e-5) is used. If neither does (an ArchSpec whose final
+        norm and unembedding are not the model's head), a warning says so and the whole model is used.
+        """
+        args = (self.model, self.parts, self.layer, self.score_layer)
+        full = FullForward(*args)
+        if self.config.z_forward == "full":
+            return full
         sub, rows = batch.select(torch.arange(batch.size, device=self.device))
-        inject = ResidualInjector(init, sub.fact_of_row, sub.inject_at)
-        full_forward = FullForward(self.model, self.parts, self.layer, self.score_layer)
-        fast = self._forward.log_probs(sub, cache, rows, inject, torch.float32)
-        full = full_forward.log_probs(sub, {}, rows, inject, torch.float32)
-        worst = max(float((a - b).abs().max()) for a, b in zip(fast, full, strict=True))
-        if not worst <= 1e-3:
-            warnings.warn(
-                "the residual step's fast path differs from the whole model's log-probabilities by "
-                f"{worst:.3g} on {self.parts.model_type}; running the whole model at every iteration instead "
-                "(z_forward='full'). Check the ArchSpec's final_norm and unembed paths.",
-                stacklevel=4,
-            )
-            self._forward = full_forward
+        probe = 0.5 * full.bare_hidden(batch, None)
+        expected = full.log_probs(sub, None, rows, probe, torch.float32)
+        worst = math.inf
+        for candidate in (CachedSuffixForward(*args), SuffixForward(*args)):
+            try:
+                prepared = candidate.prepare(batch, torch.float32)
+                got = candidate.log_probs(sub, prepared, rows, probe, torch.float32)
+            except Exception:
+                continue
+            worst = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
+            if worst <= 2e-4:
+                return candidate
+        warnings.warn(
+            "the residual step's fast paths differ from the whole model's log-probabilities "
+            f"(by {worst:.3g}) on {self.parts.model_type}; running the whole model at every iteration "
+            "instead (z_forward='full'). Check the ArchSpec's final_norm and unembed paths.",
+            stacklevel=4,
+        )
+        return full
