@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from eamet import ArchSpec, EditConfig
+from eamet import ArchSpec, EditConfig, Fact
 from eamet.arch import arch_for
 from eamet.residual_forward import ResidualInjector
 from eamet.residuals import ResidualOptimizer, resolve_z_dtype
@@ -49,9 +50,16 @@ def tok() -> Any:
 
 
 def edit(model: Any, tok: Any, config: EditConfig, stats_dir: Path, n: int = 4) -> Any:
-    result = make_editor(model, tok, config, stats_dir).edit(small_facts(n), progress=False)
+    result = make_editor(model, tok, config, stats_dir).edit(mixed_facts(n), progress=False)
     result.undo()
     return result
+
+
+def mixed_facts(n: int) -> list[Fact]:
+    """``small_facts(n)`` with a two- and a three-token target among them, so that a batch pads targets."""
+    facts = small_facts(n)
+    longer = {1: "Berlin Tokyo", 4: "official language people"}
+    return [replace(f, target=longer[i]) if i in longer else f for i, f in enumerate(facts)]
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> bool:
@@ -86,16 +94,17 @@ def test_every_family_runs_the_cached_prefix_path(family: str, tok: Any, tmp_pat
     samples = 400 if family == "falcon" else 50
     config = small_config(model, "eamet", layers=(1, 2), mom2_n_samples=samples)
     editor = make_editor(model, tok, config, tmp_path)
-    prompts = PromptSet.build(editor.tokens, small_facts(3), editor._templates(), config.fact_token)
+    # Targets of 1 to 3 tokens: the batch pads them.
+    prompts = PromptSet.build(editor.tokens, mixed_facts(5), editor._templates(), config.fact_token)
     keys = editor._keys(prompts, 2, False)[0]
     optimizer = ResidualOptimizer(
         model, editor.parts, editor.tokens, config, prompts, KeyNeighborhood.of(keys)
     )
-    batch = FactBatch.build(editor.tokens, prompts, range(3), config, torch.device("cpu"))
+    batch = FactBatch.build(editor.tokens, prompts, range(5), config, torch.device("cpu"))
     with torch.no_grad():
         chosen = optimizer._choose_forward(batch)
         assert isinstance(chosen, CachedSuffixForward), family
-        sub, rows = batch.select(torch.arange(3))
+        sub, rows = batch.select(torch.arange(5))
         full = FullForward(model, editor.parts, 2, editor.parts.num_layers - 1)
         probe = 0.5 * full.bare_hidden(batch, None)
         prepared = chosen.prepare(batch, torch.float32)

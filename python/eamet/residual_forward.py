@@ -397,7 +397,8 @@ class CachedSuffixForward(_Forward):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         start = prepared.start[rows]
         n_tf = sub.target_pos.shape[0]
-        return sub.target_pos - start[:n_tf, None], torch.zeros_like(sub.inject_at)
+        # Padding slots of shorter targets (position 0, never scored) stay inside the suffix.
+        return (sub.target_pos - start[:n_tf, None]).clamp_min(0), torch.zeros_like(sub.inject_at)
 
     def _output(
         self, sub: FactBatch, prepared: Any, rows: torch.Tensor, inject: ResidualInjector

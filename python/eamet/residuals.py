@@ -504,8 +504,9 @@ class ResidualOptimizer:
 
         ``z_forward="full"`` is the whole model. Otherwise the cached-prefix path, then the suffix path, are
         scored against the whole model (float32, with a residual of half of h at every fact token); the
-        first that agrees to 2e-4 in every log-probability (float32 rounding is ~1e-5) is used. If neither does (an ArchSpec whose final
-        norm and unembedding are not the model's head), a warning says so and the whole model is used.
+        first that agrees to 2e-4 in every scored log-probability (float32 rounding is ~1e-5) is used. If
+        neither does (an ArchSpec whose final norm and unembedding are not the model's head), a warning
+        says so and the whole model is used.
         """
         args = (self.model, self.parts, self.layer, self.score_layer)
         full = FullForward(*args)
@@ -521,7 +522,7 @@ class ResidualOptimizer:
                 got = candidate.log_probs(sub, prepared, rows, probe, torch.float32)
             except Exception:
                 continue
-            worst = max(float((a - b).abs().max()) for a, b in zip(got, expected, strict=True))
+            worst = _worst_difference(got, expected, sub)
             if worst <= 2e-4:
                 return candidate
         warnings.warn(
@@ -531,3 +532,13 @@ class ResidualOptimizer:
             stacklevel=4,
         )
         return full
+
+
+def _worst_difference(
+    got: tuple[torch.Tensor, torch.Tensor], expected: tuple[torch.Tensor, torch.Tensor], sub: FactBatch
+) -> float:
+    """The largest difference between two ways' log-probabilities where the objective reads them (the
+    padding slots of shorter targets read arbitrary positions)."""
+    scored = sub.target_mask.repeat_interleave(sub.n_templates, dim=0)
+    tf = (got[0] - expected[0]).abs().amax(dim=-1)[scored]
+    return max(float(tf.max()), float((got[1] - expected[1]).abs().max()))
