@@ -78,7 +78,10 @@ def variant(text: str) -> tuple[str, str, dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="pocket, a known model name, or a path / hub id")
-    parser.add_argument("--data", help="CounterFact JSON (ROME or EasyEdit form)")
+    parser.add_argument(
+        "--data",
+        help="CounterFact JSON (ROME or EasyEdit form) or cases as JSONL (default: shipped known cases)",
+    )
     parser.add_argument("--known-only", action="store_true", help="edit only cases the model knows strictly")
     parser.add_argument("--edits", type=ints, default=[64, 256, 1024])
     parser.add_argument("--prefix-lens", type=ints, default=[0, 5, 50])
@@ -161,13 +164,16 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
         model, tokenizer = pocket_model(world, progress=False)
         texts = world_corpus(world)
         return model, tokenizer, list(world.cases), lambda _n: texts, edit_config
-    if not args.data:
-        sys.exit("--data COUNTERFACT.json is needed for a real model")
     from eamet.loading import load_model
     from eamet.records import load_dataset
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    cases = load_dataset("counterfact", args.data)
+    if args.data is None:
+        import eamet.models
+
+        cases = eamet.models.known_facts(args.model)  # the shipped cases a known model knows
+    else:
+        cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
 
     def corpus_texts(n_edits: int) -> list[str]:
         return [text for case in cases[n_edits:] for text in case_texts(case)]
@@ -186,7 +192,7 @@ def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.
     from eamet.covariance import model_fingerprint
     from eamet.parts import ModelParts
 
-    if args.model == "pocket":
+    if args.model == "pocket" or args.data is None:  # the pocket world, or cases shipped as known
         return {c.case_id for c in cases}
     digest = hashlib.sha256(model_fingerprint(model, ModelParts(model)).encode())
     digest.update(Path(args.data).read_bytes())

@@ -74,6 +74,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--allow-busy", action="store_true", help="run even if other work loads the CPUs")
+    parser.add_argument(
+        "--order",
+        choices=("given", "grouped", "spread"),
+        default="given",
+        help="editing order: as given; key-space clusters kept together in batches; or spread across them",
+    )
     parser.add_argument("--json", help="write the rows as JSON")
     args = parser.parse_args()
     variants = {name: variant(name) for name in args.variants.split(",") if name}
@@ -101,15 +107,19 @@ def main() -> None:
             config = base.replace(**overrides)
             editor = Editor(model, tokenizer, config=config, corpus=corpus)
             editor.covariance(progress=False)
+            order = editing_order(editor, cases, args.order)
             reset_peak_rss()
             start = time.perf_counter()
-            result = editor.edit([c.rewrite for c in cases], progress=False)
+            result = editor.edit([cases[i].rewrite for i in order], progress=False)
             try:
                 seconds = time.perf_counter() - start
+                deltas = torch.empty_like(result.deltas)
+                deltas[torch.tensor(order)] = result.deltas  # back in the cases' order
                 residual = sum(s.seconds for s in result.stats)
                 row: dict[str, Any] = {
                     "method": method,
                     "variant": name,
+                    "order": args.order,
                     "edits": len(cases),
                     "residual_seconds": residual,
                     "seconds_per_fact": residual / len(cases),
@@ -121,9 +131,9 @@ def main() -> None:
                     "misalignment_total": None if result.misalignment is None else result.misalignment.total,
                 }
                 if first is None:
-                    first = result.deltas.clone()
+                    first = deltas
                 else:
-                    row.update(compare(result.deltas, first))
+                    row.update(compare(deltas, first))
                 if not args.no_eval:
                     row.update(evaluate(model, tokenizer, evaluated))
             finally:
@@ -135,6 +145,42 @@ def main() -> None:
     if args.json:
         payload = {"command": command, "load_average": load, "before": before, "rows": rows}
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def editing_order(editor: Any, cases: list[Any], how: str) -> list[int]:
+    """The order to edit ``cases`` in (indices): as given, or by key-space clusters — k-means of the
+    unedited keys at l* into N / B clusters — kept together (``grouped``: a batch holds neighbours) or dealt
+    round-robin (``spread``: a fact's key neighbours fall in other batches, so it aligns against their final
+    residuals)."""
+    n = len(cases)
+    if how == "given":
+        return list(range(n))
+    from eamet.keys import PromptSet
+
+    config = editor.config
+    prompts = PromptSet.build(
+        editor.tokens, [c.rewrite for c in cases], editor._templates(), config.fact_token
+    )
+    keys = editor._keys(prompts, config.layers[-1], False)[0]
+    unit = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    k = max(1, -(-n // config.fact_batch))
+    generator = torch.Generator().manual_seed(0)
+    centres = unit[torch.randperm(n, generator=generator)[:k]].clone()
+    for _ in range(20):
+        cluster = (unit @ centres.T).argmax(dim=1)
+        for c in range(k):
+            members = unit[cluster == c]
+            if len(members):
+                centres[c] = members.mean(dim=0) / members.mean(dim=0).norm().clamp_min(1e-12)
+    groups = [(cluster == c).nonzero()[:, 0].tolist() for c in range(k)]
+    if how == "grouped":
+        return [i for group in groups for i in group]
+    dealt: list[int] = []
+    while any(groups):
+        for group in groups:
+            if group:
+                dealt.append(group.pop(0))
+    return dealt
 
 
 def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:

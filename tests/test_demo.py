@@ -185,3 +185,35 @@ def test_a_failure_during_evaluation_leaves_the_model_unedited(
         )  # fmt: skip
     assert len(calls) == 2
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_demo_on_a_real_model_directory(small: dict[str, Any], tmp_path: Path) -> None:
+    """``eamet demo --model DIR --data FILE``: the same before/after run on any model and data file."""
+    root, out = small["root"], tmp_path / "demo.json"
+    argv = ["demo", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--edits", "3"]
+    argv += ["--methods", "memit", "--corpus", str(root / "corpus.txt"), "--quick", "--no-progress"]
+    assert main([*argv, "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert run["config"]["model"] == str(root / "model") and run["config"]["edits"] == 3
+    assert run["config"]["corpus"] == str(root / "corpus.txt")
+    check_metrics(run["before"], edited=False)
+    check_metrics(run["results"]["memit"], edited=True)
+
+
+def test_demo_on_a_model_without_shipped_cases_needs_data(
+    small: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["demo", "--model", str(small["root"] / "model"), "--no-progress"]) == 1
+    assert "--data COUNTERFACT.json is needed" in capsys.readouterr().err
+
+
+def test_the_shipped_cases_smollm2_knows() -> None:
+    import eamet.models
+
+    cases = eamet.models.known_facts("smollm2")
+    assert len(cases) == 454 and len({c.case_id for c in cases}) == 454
+    assert cases[0].rewrite.subject == "Danielle Darrieux" and cases[0].rewrite.target_true == "French"
+    assert all(c.rewrite.target_true and c.neighborhood and c.paraphrases for c in cases)
+    assert [c.case_id for c in eamet.models.known_facts("smollm2-135m", limit=5)] == [
+        c.case_id for c in cases[:5]
+    ]

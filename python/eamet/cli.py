@@ -239,9 +239,11 @@ def _print_run(run: dict[str, Any], json_path: str | None) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from eamet.runs import run_demo
 
-    if args.records is not None and args.data is None:
+    if args.records is not None and args.data is None and args.model == "pocket":
         raise EametError("--records needs --data")
     run = run_demo(
+        model=args.model,
+        corpus=args.corpus,
         edits=args.edits,
         methods=args.methods,
         data=args.data,
@@ -479,15 +481,26 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
+        "--model",
+        default="pocket",
+        help="pocket (the sandbox's model, shipped), a known model (smollm2), or a directory / hub id "
+        "(default %(default)s)",
+    )
+    demo.add_argument(
         "--edits",
         type=_positive_int,
-        help="facts to edit (default 256; --quick: 32)",
+        help="facts to edit (pocket: default 256, --quick 32; a real model: 32)",
     )
     demo.add_argument(
         "--methods", type=_methods, default=METHODS, help=f"comma-separated (default {','.join(METHODS)})"
     )
     demo.add_argument(
-        "--data", help="a CounterFact JSON file (ROME or EasyEdit form) to build the world from"
+        "--data",
+        help="a CounterFact JSON file (ROME or EasyEdit form): pocket builds its world from it, a real "
+        "model edits its cases (default for smollm2: shipped cases it knows)",
+    )
+    demo.add_argument(
+        "--corpus", help="a real model's text for C: model:<n>, .txt/.jsonl (default model:1000)"
     )
     demo.add_argument("--records", type=_positive_int, help="use the first N records of --data")
     demo.add_argument("--quick", action="store_true", help="edit 32 facts, skip fluency: under a minute")

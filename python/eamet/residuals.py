@@ -12,7 +12,8 @@ of earlier batches and, inside its own batch, what ``config.batch_alignment`` sa
 with those terms off, so batching it is exact.
 
 Each iteration runs only what δ can change (``config.z_forward="fast"``; eamet.residual_forward): the blocks
-up to l* run once per batch, and logits are computed only at the scored positions.
+up to l* and, in every block, the positions before each fact token run once per batch, and logits are
+computed only at the scored positions.
 """
 
 from __future__ import annotations

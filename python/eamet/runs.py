@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eamet.config import METHODS
+from eamet.config import METHODS, PRESETS
 from eamet.errors import ParameterError
 from eamet.metrics import RATE_KEYS
 
@@ -29,6 +29,9 @@ __all__ = ["RATE_KEYS", "ApplyEdit", "compare_edits", "format_table", "run_demo"
 
 QUICK_EDITS = 32
 DEFAULT_DEMO_EDITS = 256
+REAL_MODEL_EDITS = 32
+REAL_MODEL_CORPUS = "model:1000"
+"""C of a real model in the demo when no corpus is given: text sampled from the model (docs/benchmarks.md)."""
 
 
 # Applies one edit to the model and returns it (applied, so it can be undone) with the seconds it took
@@ -167,6 +170,7 @@ def run_edits(
 
 def run_demo(
     *,
+    model: str = "pocket",
     edits: int | None = None,
     methods: Sequence[str] = METHODS,
     data: str | Path | None = None,
@@ -175,24 +179,63 @@ def run_demo(
     seed: int = 0,
     prefix_len: int = 0,
     arch: str = "llama",
+    corpus: Any = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The sandbox demo: the default world's pocket model (or a world built from a CounterFact file),
-    evaluated before editing, then edited with each method from the same unedited weights.
+    """The demo: a model evaluated before editing, then edited with each method from the same unedited
+    weights and evaluated again.
 
     Args:
-        edits: facts to edit (default 256, half the edited layers' d_ff; ``quick``: 32).
-        data: a CounterFact JSON file (ROME or EasyEdit form) to build the world from instead.
+        model: ``"pocket"`` (the sandbox's small model of a synthetic world, shipped) or a real model — a
+            known name (``"smollm2"``: SmolLM2-135M through :mod:`eamet.models`) or a directory / hub id.
+        edits: facts to edit (pocket: default 256, half the edited layers' d_ff, ``quick`` 32; a real model:
+            default and ``quick`` 32).
+        data: pocket: a CounterFact JSON file to build the world from; a real model: the CounterFact file
+            whose cases are edited (default for a known model: the shipped cases it knows).
         records: how many of its records to use (default all).
         arch: the pocket model's architecture, "llama" or "gpt2" (the shipped model is LLaMA).
+        corpus: a real model's corpus for C (default :data:`REAL_MODEL_CORPUS`); the pocket model uses its
+            world's text.
         overrides: :class:`~eamet.config.EditConfig` settings for both methods (e.g. ``fact_batch``).
 
     Returns:
         The run's JSON (module docstring).
     """
+    if model == "pocket":
+        return _pocket_demo(
+            edits, methods, data, records, quick, seed, prefix_len, arch, cache_dir, progress, log, overrides
+        )
+    return _real_demo(
+        model, edits, methods, data, records, quick, seed, prefix_len, corpus, progress, log, overrides
+    )
+
+
+def _edit_count(edits: int | None, default: int, available: int) -> int:
+    n = edits if edits is not None else min(default, available)
+    if n < 1:
+        raise ParameterError(f"edits must be >= 1, got {n}", argument="edits")
+    if n > available:
+        raise ParameterError(f"there are {available} edit cases, fewer than {n}", argument="edits")
+    return n
+
+
+def _pocket_demo(
+    edits: int | None,
+    methods: Sequence[str],
+    data: str | Path | None,
+    records: int | None,
+    quick: bool,
+    seed: int,
+    prefix_len: int,
+    arch: str,
+    cache_dir: str | Path | None,
+    progress: bool,
+    log: Callable[[str], None],
+    overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
     from eamet.sandbox.pocket import PocketSettings, default_world, edit_config, pocket_model, world_corpus
     from eamet.sandbox.world import World
 
@@ -204,11 +247,7 @@ def run_demo(
     else:
         world = default_world()
         source = "default world"
-    n = edits if edits is not None else min(QUICK_EDITS if quick else DEFAULT_DEMO_EDITS, len(world.cases))
-    if n < 1:
-        raise ParameterError(f"edits must be >= 1, got {n}", argument="edits")
-    if n > len(world.cases):
-        raise ParameterError(f"the world has {len(world.cases)} edit cases, fewer than {n}", argument="edits")
+    n = _edit_count(edits, QUICK_EDITS if quick else DEFAULT_DEMO_EDITS, len(world.cases))
     settings = PocketSettings(arch=arch)  # type: ignore[arg-type]
     log(f"world: {source}, {len(world.facts)} facts, {len(world.cases)} edit cases")
     start = time.perf_counter()
@@ -227,11 +266,86 @@ def run_demo(
         progress=progress,
         log=log,
         extra_config={
+            "model": "pocket",
             "world": source,
             "world_fingerprint": world.fingerprint(),
             "pocket": settings.to_dict(),
         },
     )
+
+
+def _real_demo(
+    name: str,
+    edits: int | None,
+    methods: Sequence[str],
+    data: str | Path | None,
+    records: int | None,
+    quick: bool,
+    seed: int,
+    prefix_len: int,
+    corpus: Any,
+    progress: bool,
+    log: Callable[[str], None],
+    overrides: dict[str, Any] | None,
+) -> dict[str, Any]:
+    from eamet.config import EditConfig
+    from eamet.loading import load_model
+    from eamet.records import load_dataset
+
+    known = _known_model(name)
+    if data is None and (known is None or known.known_facts is None):
+        raise ParameterError(
+            f"--data COUNTERFACT.json is needed for {name} (cases ship only for models eamet knows)",
+            argument="data",
+        )
+    kind = "jsonl" if data is not None and str(data).endswith(".jsonl") else "counterfact"
+    cases = load_dataset(kind, data, limit=records) if data is not None else None
+    start = time.perf_counter()
+    model, tokenizer = load_model(name)
+    log(f"{name} ready in {time.perf_counter() - start:.1f} s")
+    if cases is None:
+        from eamet.models import known_facts
+
+        assert known is not None
+        cases = known_facts(known, limit=records)
+        source = f"CounterFact cases {known.name} knows (shipped)"
+    else:
+        source = str(data)
+    n = _edit_count(edits, REAL_MODEL_EDITS, len(cases))
+    used_corpus = corpus if corpus is not None else REAL_MODEL_CORPUS
+    log(f"cases: {source}, {len(cases)} in all; C from {used_corpus}")
+    preset = known.name if known is not None and known.name in PRESETS else None
+
+    def config_for(m: Any, method: str) -> Any:
+        base = EditConfig.preset(preset, method) if preset else EditConfig.for_model(m, method)  # type: ignore[arg-type]
+        return base.replace(**(overrides or {}))
+
+    return run_edits(
+        model,
+        tokenizer,
+        list(cases[:n]),
+        methods=methods,
+        config_for=config_for,
+        corpus=used_corpus,
+        prefix_len=prefix_len,
+        seed=seed,
+        fluency=not quick,
+        progress=progress,
+        log=log,
+        extra_config={"model": name, "data": source, "corpus": str(used_corpus)},
+    )
+
+
+def _known_model(name: str) -> Any:
+    """The :class:`eamet.models.KnownModel` called ``name``, or ``None`` for a path or hub id."""
+    from eamet import models
+
+    if Path(name).exists():
+        return None
+    try:
+        return models.resolve(name)
+    except ParameterError:
+        return None
 
 
 def _cell(value: Any, form: str = "{:.3f}") -> str:

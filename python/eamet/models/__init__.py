@@ -8,7 +8,7 @@ converted once into eamet's cache. The engine never depends on this package; it 
 Importing this package imports neither torch nor transformers; :func:`load` does.
 """
 
-from eamet.models.catalog import KnownModel, find_gguf, known_models, resolve
+from eamet.models.catalog import KnownModel, find_gguf, known_facts, known_models, resolve
 from eamet.models.loader import load, tokenizer_for
 
-__all__ = ["KnownModel", "find_gguf", "known_models", "load", "resolve", "tokenizer_for"]
+__all__ = ["KnownModel", "find_gguf", "known_facts", "known_models", "load", "resolve", "tokenizer_for"]

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eamet.errors import MissingDependencyError, ParameterError
+from eamet.records import EditCase, load_dataset
 
-__all__ = ["KnownModel", "find_gguf", "known_models", "resolve"]
+__all__ = ["KnownModel", "find_gguf", "known_facts", "known_models", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class KnownModel:
         licence: the weights' licence.
         origin: where the weights come from, for the record.
         aliases: other names accepted by :func:`resolve` (compared case-insensitively).
+        known_facts: a JSONL file in ``eamet/data`` of CounterFact cases the model knows (its true object is
+            its greedy answer), which ``eamet demo --model <name>`` edits; ``None`` if there is none.
     """
 
     name: str
@@ -40,6 +43,7 @@ class KnownModel:
     licence: str
     origin: str
     aliases: tuple[str, ...] = field(default=())
+    known_facts: str | None = None
 
     @property
     def install(self) -> str:
@@ -60,6 +64,7 @@ _KNOWN: dict[str, KnownModel] = {
             origin="HuggingFaceTB/SmolLM2-135M-Instruct (llama, 30 blocks, d 576, d_ff 1536, vocab 49152), "
             "4-bit Q4_1 weights",
             aliases=("smollm2", "smollm2-135m-instruct"),
+            known_facts="counterfact_smollm2_known.jsonl",
         ),
     )
 }
@@ -108,3 +113,16 @@ def find_gguf(model: KnownModel) -> Path:
         "are not needed, so it cannot be part of the eamet extra)",
         argument="name",
     )
+
+
+def known_facts(name: str | KnownModel, limit: int | None = None) -> list[EditCase]:
+    """The shipped CounterFact cases the model ``name`` knows (see :attr:`KnownModel.known_facts`), in their
+    file's order, the first ``limit`` of them. Torch-free.
+
+    Raises ``ParameterError`` for an unknown model or one without such a file.
+    """
+    model = name if isinstance(name, KnownModel) else resolve(name)
+    if model.known_facts is None:
+        raise ParameterError(f"no known facts ship for {model.name}; pass a data file", argument="name")
+    path = Path(__file__).resolve().parent.parent / "data" / model.known_facts
+    return load_dataset("jsonl", path, limit=limit)
