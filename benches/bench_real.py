@@ -2,18 +2,19 @@
 
     python benches/bench_real.py --model smollm2 --data COUNTERFACT.json --known-only \\
         --edits 64,256,1024 --prefix-lens 0,5,50 --json real.json --plot real.png
-    python benches/bench_real.py --model smollm2 --data COUNTERFACT.json --known-only --edits 32 \\
-        --variant eamet-memit-ball=eamet:clamp=hidden_norm,clamp_factor=0.75 --variant memit
+    python benches/bench_real.py --model smollm2 --edits 32 --prefix-lens 0,5 \\
+        --variant memit=memit:fact_batch=16 --variant eamet --variant eamet-gated=eamet:align_below_nll=0.1
     python benches/bench_real.py --model smollm2 --data ... --device cuda --edits 1000,2000,5000,10000
 
 For each N, each variant edits the first N cases (of the file, or of those the model knows with
 ``--known-only``) into the same unedited model, is evaluated with every prefix length — prefixes generated
 once per length from the unedited model — and undone. A variant is ``NAME=METHOD[:key=value,...]``
-(``EditConfig`` settings; ``--set key=value`` applies to all; a bare method name is that method's
-defaults). Per row: strict and lenient efficacy / generalisation / specificity, fluency (``--fluency``),
-the misalignment total, the edit's seconds and seconds per fact in the residual step, peak memory (RSS; on
-CUDA the device's peak allocation), the mean final loss terms, and — without ``--known-only`` — the same
-rates over the cases the model knew before editing (``known_*``). ``--merge`` adds earlier ``--json``
+(``EditConfig`` settings over the model's own — its preset, else ``for_model``; ``a;b`` is a tuple;
+``--set key=value`` applies to all; a bare method name is that method's settings for the model). Per row:
+strict and lenient efficacy / generalisation / specificity, fluency (``--fluency``), the misalignment total,
+the edit's seconds and seconds per fact in the residual step, peak memory (RSS; on CUDA the device's peak
+allocation), the mean final loss terms, and — without ``--known-only`` — the same rates over the cases the
+model knew before editing (``known_*``). ``--merge`` adds earlier ``--json``
 outputs, so a long sweep can run in pieces.
 
 Models: ``pocket`` (the sandbox's shipped model and world; ``--data`` not used), a known name of
@@ -40,6 +41,7 @@ from eamet.config import METHODS, EditConfig
 from eamet.editor import Editor
 from eamet.evaluation import evaluate, evaluation_prefixes, known_cases
 from eamet.metrics import RATE_KEYS
+from eamet.runs import model_config
 from eamet.tokens import TokenAdapter
 from sweeps import check_idle, format_row, header, merged, plot
 
@@ -51,6 +53,9 @@ def ints(text: str) -> list[int]:
 
 
 def value(text: str) -> Any:
+    """A setting's value: JSON, ``a;b;c`` for a tuple (``layers=3;4;5``), else the text itself."""
+    if ";" in text:
+        return tuple(value(part) for part in text.split(";") if part)
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -178,7 +183,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
     def corpus_texts(n_edits: int) -> list[str]:
         return [text for case in cases[n_edits:] for text in case_texts(case)]
 
-    return model, tokenizer, cases, corpus_texts, EditConfig.for_model
+    return model, tokenizer, cases, corpus_texts, lambda m, method: model_config(args.model, m, method)
 
 
 def case_texts(case: Any) -> list[str]:

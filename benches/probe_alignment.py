@@ -12,8 +12,10 @@ Edits the first N cases (default: the shipped cases the model knows) with MEMIT 
   (j ≠ i as the report, j < i as the loss), and strict efficacy on the rewrite prompts;
 * per iteration, the mean of each loss term over the facts (how the terms trade off during optimisation).
 
-Variants: ``NAME=METHOD[:key=value,...]`` as in bench_real.py (default: memit, the EAMET preset, EAMET with
-MEMIT's ball, that without alignment terms, that with δ₀ = 0, and each alignment term alone).
+Variants: ``NAME=METHOD[:key=value,...]`` over the model's settings (its preset, else ``for_model``), as in
+bench_real.py. Default: MEMIT; EAMET with the reference ball 2‖k‖; EAMET as the preset (MEMIT's ball on
+SmolLM2); that without alignment terms, with each alignment term alone, and with the alignment gated on
+the NLL (``align_below_nll=0.1``, eamet's extension).
 """
 
 from __future__ import annotations
@@ -35,17 +37,18 @@ from eamet.editor import Editor
 from eamet.evaluation import evaluate
 from eamet.keys import PromptSet
 from eamet.residuals import ResidualOptimizer
+from eamet.runs import model_config
 from sweeps import check_idle
 
-MEMIT_BALL = "clamp=hidden_norm,clamp_factor=0.75"
+REFERENCE_BALL = "clamp=key_norm,clamp_factor=2.0"
 DEFAULT_VARIANTS = [
     "memit",
+    f"eamet-reference-ball=eamet:{REFERENCE_BALL}",
     "eamet",
-    f"eamet-memit-ball=eamet:{MEMIT_BALL}",
-    f"eamet-no-align=eamet:{MEMIT_BALL},cs_factor=0,mse_factor=0",
-    f'eamet-zero-init=eamet:{MEMIT_BALL},delta_init="zero"',
-    f"eamet-kl-only=eamet:{MEMIT_BALL},mse_factor=0",
-    f"eamet-mse-only=eamet:{MEMIT_BALL},cs_factor=0",
+    "eamet-no-align=eamet:cs_factor=0,mse_factor=0",
+    "eamet-kl-only=eamet:mse_factor=0",
+    "eamet-mse-only=eamet:cs_factor=0",
+    "eamet-gated=eamet:align_below_nll=0.1",
 ]
 
 
@@ -88,7 +91,7 @@ def main() -> None:
     )
     out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "variants": {}}
     for name, method, overrides in variants:
-        config = EditConfig.for_model(model, method).replace(**{**overrides, **args.set})
+        config = model_config(args.model, model, method).replace(**{**overrides, **args.set})
         editor = Editor(model, tokenizer, config=config, corpus=corpus)
         editor.covariance(progress=False)
         if "geometry" not in out:

@@ -94,7 +94,29 @@ PRESET_TABLE = {
 
 
 def test_preset_table_is_complete() -> None:
-    assert set(PRESETS) == set(PRESET_TABLE)
+    assert {name for name, row in PRESETS.items() if row.origin == "reference"} == set(PRESET_TABLE)
+    assert {name for name, row in PRESETS.items() if row.origin == "eamet"} == {"smollm2-135m"}
+
+
+def test_smollm2_preset_is_the_for_model_rule_with_memits_ball_for_both() -> None:
+    """eamet's own SmolLM2 row: for_model's blocks and λ on SmolLM2's shape, C sampled from the model, and
+    MEMIT's ball for EAMET too (docs/benchmarks.md measures why)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaConfig(
+        num_hidden_layers=30, hidden_size=64, intermediate_size=1536, num_attention_heads=4, vocab_size=64
+    )
+    model = LlamaForCausalLM(shape)
+    for method in ("eamet", "memit"):
+        c = EditConfig.preset("SmolLM2", method=method)  # type: ignore[arg-type]
+        rule = EditConfig.for_model(model, method=method)  # type: ignore[arg-type]
+        assert c.layers == rule.layers == (3, 4)
+        assert c.mom2_update_weight == rule.mom2_update_weight
+        assert (c.clamp, c.clamp_factor) == ("hidden_norm", 0.75)
+        assert (c.v_loss_layer, c.mom2_dataset) == (29, "model:1000")
+    eamet_c = EditConfig.preset("smollm2-135m")
+    assert (eamet_c.cs_factor, eamet_c.mse_factor, eamet_c.delta_init) == (2.0, 8.0, "target_init")
+    assert eamet_c.align_below_nll is None
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_TABLE))

@@ -176,6 +176,20 @@ def test_eamet_first_batch_of_one_fact_equals_serial(tok: Any, tmp_path: Path) -
     )
 
 
+def test_align_below_nll_gates_the_alignment_terms(tok: Any, tmp_path: Path) -> None:
+    """eamet's extension: a gate no NLL passes is EAMET without alignment terms; one every NLL passes is
+    the reference loss."""
+    model = small_model("llama")
+    config = small_config(model, "eamet")
+    reference = edit(model, tok, config, tmp_path)
+    unaligned = edit(model, tok, config.replace(cs_factor=0.0, mse_factor=0.0), tmp_path)
+    closed = edit(model, tok, config.replace(align_below_nll=1e-30), tmp_path)
+    open_ = edit(model, tok, config.replace(align_below_nll=1e30), tmp_path)
+    assert torch.equal(closed.deltas, unaligned.deltas)
+    assert torch.equal(open_.deltas, reference.deltas)
+    assert not close(reference.deltas, unaligned.deltas, rtol=1e-3)
+
+
 def test_resume_after_a_kill_mid_batches(tok: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = small_model("gpt2")
     config = small_config(model, "eamet", fact_batch=2)
@@ -257,6 +271,8 @@ def test_injector_adds_each_row_at_its_position() -> None:
         ("z_dtype", "float16"),
         ("z_forward", "x"),
         ("batch_alignment", "all"),
+        ("align_below_nll", 0.0),
+        ("align_below_nll", float("nan")),
     ],
 )
 def test_bad_speed_settings_are_parameter_errors(field: str, value: Any) -> None:

@@ -126,7 +126,9 @@ def _edit_config(args: argparse.Namespace, model: Any) -> Any:
     elif args.preset:
         config = EditConfig.preset(args.preset, method=args.method)
     else:
-        config = EditConfig.for_model(model, args.method)
+        from eamet.runs import model_config
+
+        config = model_config(args.model, model, args.method)  # a known model's preset, else for_model
     changes: dict[str, Any] = {}
     if args.layers is not None:
         changes["layers"] = args.layers
@@ -440,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
     edit.add_argument("--layers", type=_layers, help="edited blocks, e.g. 3,4 (default: from the config)")
-    edit.add_argument("--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path or hf:<dataset>[:<config>]")
+    edit.add_argument(
+        "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
+    )
     edit.add_argument(
         "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
     )
@@ -458,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(stats)
     stats.add_argument("--layers", type=_layers, required=True, help="blocks, e.g. 3,4")
     stats.add_argument(
-        "--corpus", required=True, help=".txt (one document per line), .jsonl, or hf:<dataset>"
+        "--corpus", required=True, help=".txt (one document per line), .jsonl, hf:<dataset>, or model:<n>"
     )
     stats.add_argument(
         "--samples", type=_positive_int, default=100_000, help="documents (default %(default)s)"
@@ -543,7 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--preset", help="reference settings of a model, e.g. llama2-7b")
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
     evaluate.add_argument("--layers", type=_layers, help="edited blocks (default: from the config)")
-    evaluate.add_argument("--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path or hf:<dataset>")
+    evaluate.add_argument(
+        "--corpus",
+        help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset> or model:<n> (text the model samples)",
+    )
     evaluate.add_argument("--samples", type=_positive_int, help="corpus documents for C")
     _speed_options(evaluate)
     evaluate.set_defaults(run=_cmd_eval)

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from eamet.arch import ArchSpec, arch_for, model_dims, spec_from_paths
 from eamet.choices import (
@@ -97,6 +97,10 @@ class EditConfig:
     """Weight of the alignment KL over earlier facts (0 makes facts independent)."""
     mse_factor: float = 8.0
     """Weight of the top-M weighted cosine MSE."""
+    align_below_nll: float | None = None
+    """eamet's own extension (not in the paper or the reference): the alignment terms count for a fact
+    only at iterations where its NLL is below this value — the edit first, then its alignment among the
+    residuals that make it. None (the reference): always. docs/benchmarks.md has why and what it does."""
     tau: float = 0.07
     top_m: int = 50
     eps: float = 1e-8
@@ -219,6 +223,8 @@ class EditConfig:
             _check_int(self, name, minimum=1)
         if self.z_chunk_tokens is not None:
             _check_int(self, "z_chunk_tokens", minimum=1)
+        if self.align_below_nll is not None:
+            _check_float(self, "align_below_nll", positive=True)
         _check_int(self, "template_length", minimum=0)
         _check_int(self, "early_stop_from", minimum=0)
         for name in ("v_lr", "tau", "eps", "template_temperature", "target_init_max_norm"):
@@ -253,7 +259,9 @@ class EditConfig:
 
     @classmethod
     def preset(cls, name: str, method: Method = "eamet") -> EditConfig:
-        """The reference settings for one model of algorithm.md §7, e.g. ``preset("llama2-7b")``.
+        """The settings for one model, e.g. ``preset("llama2-7b")``: the reference's rows of
+        algorithm.md §7, and eamet's own rows for models the reference never ran (``Preset.origin``;
+        ``smollm2-135m``, measured in docs/benchmarks.md).
 
         Names (case-insensitive): see :data:`PRESETS`. ``phi-1.5`` exists for MEMIT only, as in the
         reference. Raises ``ParameterError`` for an unknown name.
@@ -467,11 +475,13 @@ _METHOD_DEFAULTS: dict[Method, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Preset:
-    """One row of algorithm.md §7: the model the reference ran and its per-method overrides."""
+    """One model's per-method overrides: a row of algorithm.md §7 (``origin="reference"``) or eamet's
+    own, measured on a model the reference never ran (``origin="eamet"``)."""
 
     model_id: str
     eamet: dict[str, Any] | None
     memit: dict[str, Any] | None
+    origin: Literal["reference", "eamet"] = "reference"
 
 
 def _row(
@@ -492,6 +502,13 @@ def _row(
     )
     return Preset(model_id, eamet, {**shared, "mom2_update_weight": (memit_lambda,) * 2, **memit_extra})
 
+
+_SMOLLM2: dict[str, Any] = {
+    "v_loss_layer": 29,
+    "mom2_dataset": "model:1000",
+    "mom2_n_samples": 1000,
+    "mom2_max_length": 1024,
+}
 
 # BOS and truncation reproduce the reference's effective behaviour (§1.2, §6.3): max_position - 500
 # tokens, 200 for Qwen and Llama-3.1.
@@ -515,6 +532,20 @@ PRESETS: dict[str, Preset] = {
     "gemma-7b": _row("google/gemma-7b-it", 27, "always", 7692, 12000, 1.5, 4000),
     "falcon-7b": _row("tiiuae/falcon-7b", 31, "never", 1548, 6000, 1.5, 5000),
     "phi-1.5": _row("microsoft/phi-1_5", 23, "never", 1548, None, 0.0, 2000),
+    # eamet's own (docs/benchmarks.md, "A real model"): blocks 3-4 and λ from for_model's rule, which
+    # causal tracing supports; C from 1000 documents the model writes itself (no download). Both methods
+    # get MEMIT's ball, 0.75‖h‖: the edits need ‖δ‖ ≈ 0.75‖h‖ here, and EAMET's 2‖k‖ is 0.12‖h‖.
+    "smollm2-135m": Preset(
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        eamet={
+            **_SMOLLM2,
+            "mom2_update_weight": (558.1, 558.1),
+            "clamp": "hidden_norm",
+            "clamp_factor": 0.75,
+        },
+        memit={**_SMOLLM2, "mom2_update_weight": (2093.0, 2093.0)},
+        origin="eamet",
+    ),
 }
 
 _PRESET_ALIASES = {
@@ -526,6 +557,8 @@ _PRESET_ALIASES = {
     "qwen2.5": "qwen2.5-7b",
     "phi-1-5": "phi-1.5",
     "phi1.5": "phi-1.5",
+    "smollm2": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
 }
 
 

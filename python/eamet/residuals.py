@@ -434,7 +434,11 @@ class ResidualOptimizer:
                 alignment.top_valid[chunk],
                 cfg.tau,
             )
-        total = nll + cfg.kl_factor * kl + penalty + cfg.cs_factor * a_kl + cfg.mse_factor * a_mse
+        align = cfg.cs_factor * a_kl + cfg.mse_factor * a_mse
+        if cfg.align_below_nll is not None:
+            # eamet's extension: alignment only shapes residuals that already make their edit.
+            align = align * (nll.detach() < cfg.align_below_nll)
+        total = nll + cfg.kl_factor * kl + penalty + align
         return LossTerms(
             nll=nll, essence_kl=kl, alignment_kl=a_kl, topm_mse=a_mse, penalty=penalty, total=total
         )

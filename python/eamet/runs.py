@@ -21,11 +21,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from eamet.config import METHODS, PRESETS
+from eamet.choices import Method
+from eamet.config import METHODS, PRESETS, EditConfig
 from eamet.errors import ParameterError
 from eamet.metrics import RATE_KEYS
 
-__all__ = ["RATE_KEYS", "ApplyEdit", "compare_edits", "format_table", "run_demo", "run_edits"]
+__all__ = [
+    "RATE_KEYS",
+    "ApplyEdit",
+    "compare_edits",
+    "format_table",
+    "model_config",
+    "run_demo",
+    "run_edits",
+]
 
 QUICK_EDITS = 32
 DEFAULT_DEMO_EDITS = 256
@@ -288,7 +297,6 @@ def _real_demo(
     log: Callable[[str], None],
     overrides: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    from eamet.config import EditConfig
     from eamet.loading import load_model
     from eamet.records import load_dataset
 
@@ -314,11 +322,9 @@ def _real_demo(
     n = _edit_count(edits, REAL_MODEL_EDITS, len(cases))
     used_corpus = corpus if corpus is not None else REAL_MODEL_CORPUS
     log(f"cases: {source}, {len(cases)} in all; C from {used_corpus}")
-    preset = known.name if known is not None and known.name in PRESETS else None
 
     def config_for(m: Any, method: str) -> Any:
-        base = EditConfig.preset(preset, method) if preset else EditConfig.for_model(m, method)  # type: ignore[arg-type]
-        return base.replace(**(overrides or {}))
+        return model_config(name, m, method).replace(**(overrides or {}))  # type: ignore[arg-type]
 
     return run_edits(
         model,
@@ -334,6 +340,15 @@ def _real_demo(
         log=log,
         extra_config={"model": name, "data": source, "corpus": str(used_corpus)},
     )
+
+
+def model_config(name: str, model: Any, method: Method = "eamet") -> EditConfig:
+    """The settings eamet edits a model with: the preset of a model eamet knows by ``name`` (e.g.
+    ``smollm2-135m``, see :data:`eamet.config.PRESETS`), else :meth:`EditConfig.for_model` of ``model``."""
+    known = _known_model(name)
+    if known is not None and known.name in PRESETS:
+        return EditConfig.preset(known.name, method)
+    return EditConfig.for_model(model, method)
 
 
 def _known_model(name: str) -> Any:
