@@ -3,9 +3,11 @@
 ``corpus="model:<n>"`` (or ``EditConfig.mom2_dataset``) asks for n documents: each starts with one of a
 few common words (cycled, so the documents do not all open alike) and continues with up to
 :data:`DOCUMENT_TOKENS` tokens sampled from the unedited model (temperature 1, top-p 0.95), seeded with a
-private RNG state so the caller's is left alone. Sampling costs a few minutes per thousand documents on
-CPU, so the texts are cached (``$EAMET_CACHE_DIR/corpora``), keyed by every weight of the model, the
-tokenizer, n, the length, the seed and the sampling settings, and written atomically with checksums.
+private RNG state so the caller's is left alone. Sampling is slow on CPU (1000 documents from SmolLM2-135M:
+about 15-25 minutes on 2 cores), so the texts are cached — in a ``corpora`` folder beside the covariance
+statistics they feed (``$EAMET_CACHE_DIR/stats/corpora`` by default; ``$EAMET_CACHE_DIR/corpora`` when
+:func:`sample_texts` is called without a root) — keyed by every weight of the model, the tokenizer, n, the
+length, the seed and the sampling settings, and written atomically with checksums.
 
 C only needs texts whose keys look like those the model sees; the model's own samples are exactly that
 for the model's own distribution, though not for a particular domain (docs/benchmarks.md compares them
