@@ -181,15 +181,9 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
         cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
 
     def corpus_texts(n_edits: int) -> list[str]:
-        return [text for case in cases[n_edits:] for text in case_texts(case)]
+        return [text for case in cases[n_edits:] for text in case.texts()]
 
     return model, tokenizer, cases, corpus_texts, lambda m, method: model_config(args.model, m, method)
-
-
-def case_texts(case: Any) -> list[str]:
-    """Every sentence of a CounterFact case as the model reads it (for a covariance corpus)."""
-    texts = [case.rewrite.text, *case.paraphrases, *(q + " " + a for q, a in case.neighborhood)]
-    return texts + list(case.generation_prompts)
 
 
 def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.Namespace) -> set[Any]:

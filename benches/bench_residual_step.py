@@ -200,15 +200,8 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
     model, tokenizer = eamet.models.load("smollm2-135m")
     cases = load_dataset("counterfact", args.data)
     rest = cases[args.edits : args.edits + args.corpus_records]
-    corpus = [text for case in rest for text in case_texts(case)]
+    corpus = [text for case in rest for text in case.texts()]
     return model, tokenizer, cases, corpus, EditConfig.for_model
-
-
-def case_texts(case: Any) -> list[str]:
-    """Every sentence of a CounterFact case (as the model would read it), for the covariance corpus."""
-    texts = [case.rewrite.text, *case.paraphrases]
-    texts += [q + " " + a for q, a in case.neighborhood]
-    return texts + list(case.generation_prompts)
 
 
 def evaluate(model: Any, tokenizer: Any, cases: list[Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import eamet
-from bench_real import case_texts, settings, variant
+from bench_real import settings, variant
 from eamet.config import EditConfig
 from eamet.editor import Editor
 from eamet.evaluation import evaluate
@@ -87,7 +87,7 @@ def main() -> None:
         cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
     edited = cases[: args.edits]
     corpus: Any = (
-        [t for c in cases[args.edits :] for t in case_texts(c)] if args.corpus == "cases" else args.corpus
+        [t for c in cases[args.edits :] for t in c.texts()] if args.corpus == "cases" else args.corpus
     )
     out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "variants": {}}
     for name, method, overrides in variants:

@@ -217,3 +217,23 @@ def test_the_shipped_cases_smollm2_knows() -> None:
     assert [c.case_id for c in eamet.models.known_facts("smollm2-135m", limit=5)] == [
         c.case_id for c in cases[:5]
     ]
+
+
+def test_demo_on_a_real_model_takes_c_from_the_cases_not_edited(
+    small: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without ``--corpus`` C comes from the texts of the cases after the edited ones; editing every case
+    leaves none, which is a named error rather than an empty corpus."""
+    root = small["root"]
+    argv = ["demo", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--edits", "4"]
+    assert main([*argv, "--methods", "memit", "--quick", "--no-progress"]) == 1
+    assert "C from the cases not edited needs more than 4 cases" in capsys.readouterr().err
+
+
+def test_case_texts_are_every_sentence_of_a_case() -> None:
+    case = World.generate(seed=1, n_subjects=4, relations_per_subject=1).cases[0]
+    texts = case.texts()
+    assert texts[0] == case.rewrite.text
+    assert texts[1 : 1 + len(case.paraphrases)] == list(case.paraphrases)
+    assert len(texts) == 1 + len(case.paraphrases) + len(case.neighborhood) + len(case.generation_prompts)
+    assert all(f"{p} {o}" in texts for p, o in case.neighborhood)

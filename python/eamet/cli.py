@@ -503,9 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a CounterFact JSON file (ROME or EasyEdit form): pocket builds its world from it, a real "
         "model edits its cases (default for smollm2: shipped cases it knows)",
     )
-    demo.add_argument(
-        "--corpus", help="a real model's text for C: model:<n>, .txt/.jsonl (default model:1000)"
-    )
+    demo.add_argument("--corpus", help="a real model's text for C: cases (default), model:<n>, .txt/.jsonl")
     demo.add_argument("--records", type=_positive_int, help="use the first N records of --data")
     demo.add_argument("--quick", action="store_true", help="edit 32 facts, skip fluency: under a minute")
     demo.add_argument("--seed", type=int, default=0, help="seed of prefixes and templates (default 0)")

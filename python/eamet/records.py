@@ -72,6 +72,13 @@ class EditCase:
         if not isinstance(self.rewrite, Fact):
             raise FactError(f"rewrite must be a Fact, got {type(self.rewrite).__name__}")
 
+    def texts(self) -> list[str]:
+        """Every sentence of the case as the model reads it — the rewrite prompt with its target, the
+        paraphrases, the neighbourhood prompts with their objects, the generation prompts — e.g. as
+        covariance text for C when no other corpus is at hand."""
+        hood = [f"{prompt} {expected}" for prompt, expected in self.neighborhood]
+        return [self.rewrite.text, *self.paraphrases, *hood, *self.generation_prompts]
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (round-trips through :meth:`from_dict`). ``generation_prompts`` and ``kind`` are
         written only when they differ from their defaults, so older dicts and fingerprints stay the same.

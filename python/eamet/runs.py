@@ -39,8 +39,10 @@ __all__ = [
 QUICK_EDITS = 32
 DEFAULT_DEMO_EDITS = 256
 REAL_MODEL_EDITS = 32
-REAL_MODEL_CORPUS = "model:1000"
-"""C of a real model in the demo when no corpus is given: text sampled from the model (docs/benchmarks.md)."""
+REAL_MODEL_CORPUS = "cases"
+"""C of a real model in the demo when no corpus is given: the texts of the cases not edited
+(:meth:`EditCase.texts`). Measured as good as ``model:1000`` on SmolLM2 (docs/benchmarks.md) and free,
+where sampling 1000 documents takes 15-25 minutes on 2 CPU cores."""
 
 
 # Applies one edit to the model and returns it (applied, so it can be undone) with the seconds it took
@@ -206,8 +208,8 @@ def run_demo(
             whose cases are edited (default for a known model: the shipped cases it knows).
         records: how many of its records to use (default all).
         arch: the pocket model's architecture, "llama" or "gpt2" (the shipped model is LLaMA).
-        corpus: a real model's corpus for C (default :data:`REAL_MODEL_CORPUS`); the pocket model uses its
-            world's text.
+        corpus: a real model's corpus for C: ``"cases"`` (default, :data:`REAL_MODEL_CORPUS`: the texts of
+            the cases not edited), ``"model:<n>"``, or a file; the pocket model uses its world's text.
         overrides: :class:`~eamet.config.EditConfig` settings for both methods (e.g. ``fact_batch``).
 
     Returns:
@@ -322,6 +324,13 @@ def _real_demo(
     n = _edit_count(edits, REAL_MODEL_EDITS, len(cases))
     used_corpus = corpus if corpus is not None else REAL_MODEL_CORPUS
     log(f"cases: {source}, {len(cases)} in all; C from {used_corpus}")
+    corpus_texts = (
+        [text for case in cases[n:] for text in case.texts()] if used_corpus == "cases" else used_corpus
+    )
+    if not corpus_texts:
+        raise ParameterError(
+            f"C from the cases not edited needs more than {n} cases; pass a corpus", argument="corpus"
+        )
 
     def config_for(m: Any, method: str) -> Any:
         return model_config(name, m, method).replace(**(overrides or {}))  # type: ignore[arg-type]
@@ -332,7 +341,7 @@ def _real_demo(
         list(cases[:n]),
         methods=methods,
         config_for=config_for,
-        corpus=used_corpus,
+        corpus=corpus_texts,
         prefix_len=prefix_len,
         seed=seed,
         fluency=not quick,
