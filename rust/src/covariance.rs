@@ -273,15 +273,8 @@ fn row_is_finite<T: Element>(row: ArrayView1<'_, T>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::random;
     use ndarray::Array2;
-
-    fn random(seed: u64, n: usize, d: usize) -> Array2<f64> {
-        let mut s = seed;
-        Array2::from_shape_fn((n, d), |_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
-    }
 
     fn naive(x: &Array2<f64>) -> Array2<f64> {
         x.t().dot(x) / x.nrows() as f64

@@ -18,6 +18,8 @@ pub mod pool;
 #[cfg(feature = "python")]
 mod py;
 mod simd;
+#[cfg(test)]
+mod test_util;
 pub mod topm;
 
 #[cfg(feature = "python")]

@@ -557,15 +557,8 @@ fn weighted_mse(key_top: &[(f32, u32, f32)], tau: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::random;
     use ndarray::Array2;
-
-    fn random(seed: u64, n: usize, d: usize) -> Array2<f64> {
-        let mut s = seed;
-        Array2::from_shape_fn((n, d), |_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
-    }
 
     /// Definitions evaluated directly in float64 for one row.
     fn naive_row(

@@ -145,15 +145,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> CoreResult<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ndarray::{array, Array2};
-
-    fn random(seed: u64, n: usize, d: usize) -> Array2<f64> {
-        let mut s = seed;
-        Array2::from_shape_fn((n, d), |_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        })
-    }
+    use crate::test_util::random;
+    use ndarray::array;
 
     /// A fresh folder under the system temp dir, unique to this process and `name`.
     fn scratch_dir(name: &str) -> PathBuf {
