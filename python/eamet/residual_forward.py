@@ -156,8 +156,6 @@ class _Forward:
     A subclass says how one iteration runs (:meth:`_output`) and, if it runs on positions other than the
     batch's own, where the scored positions are in its output (:meth:`_positions`)."""
 
-    name = "forward"
-
     def __init__(self, model: nn.Module, parts: ModelParts, layer: int, score_layer: int) -> None:
         self.model, self.parts, self.layer, self.score_layer = model, parts, layer, score_layer
 
@@ -233,8 +231,6 @@ class SuffixForward(_Forward):
     their input through, block l* returns its recorded output plus the residuals, and the model goes on
     from there to the scoring block.
     """
-
-    name = "fast"
 
     @torch.no_grad()
     def prepare(self, batch: FactBatch, dtype: torch.dtype) -> dict[int, Any]:
@@ -332,8 +328,6 @@ class CachedSuffixForward(_Forward):
     checks its scores against the whole model's on the first batch and falls back to
     :class:`SuffixForward` where they differ.
     """
-
-    name = "fast (cached prefix)"
 
     def __init__(self, model: nn.Module, parts: ModelParts, layer: int, score_layer: int) -> None:
         super().__init__(model, parts, layer, score_layer)
@@ -445,8 +439,6 @@ def _cache_dtype(states: torch.Tensor, compute: torch.dtype) -> torch.dtype:
 
 class FullForward(_Forward):
     """The whole model at every iteration, the residuals added by a hook on block l* (the reference)."""
-
-    name = "full"
 
     def _output(
         self, sub: FactBatch, prepared: Any, rows: torch.Tensor, inject: ResidualInjector

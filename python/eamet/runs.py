@@ -308,22 +308,19 @@ def _real_demo(
             f"--data COUNTERFACT.json is needed for {name} (cases ship only for models eamet knows)",
             argument="data",
         )
-    kind = "jsonl" if data is not None and str(data).endswith(".jsonl") else "counterfact"
-    cases = load_dataset(kind, data, limit=records) if data is not None else None
-    start = time.perf_counter()
-    model, tokenizer = load_model(name)
-    log(f"{name} ready in {time.perf_counter() - start:.1f} s")
-    if cases is None:
+    # Cases, edit count and corpus are checked before the (slow) model load.
+    if data is not None:
+        kind = "jsonl" if str(data).endswith(".jsonl") else "counterfact"
+        cases = load_dataset(kind, data, limit=records)
+        source = str(data)
+    else:
         from eamet.models import known_facts
 
         assert known is not None
         cases = known_facts(known, limit=records)
         source = f"CounterFact cases {known.name} knows (shipped)"
-    else:
-        source = str(data)
     n = _edit_count(edits, REAL_MODEL_EDITS, len(cases))
     used_corpus = corpus if corpus is not None else REAL_MODEL_CORPUS
-    log(f"cases: {source}, {len(cases)} in all; C from {used_corpus}")
     corpus_texts = (
         [text for case in cases[n:] for text in case.texts()] if used_corpus == "cases" else used_corpus
     )
@@ -331,6 +328,10 @@ def _real_demo(
         raise ParameterError(
             f"C from the cases not edited needs more than {n} cases; pass a corpus", argument="corpus"
         )
+    start = time.perf_counter()
+    model, tokenizer = load_model(name)
+    log(f"{name} ready in {time.perf_counter() - start:.1f} s")
+    log(f"cases: {source}, {len(cases)} in all; C from {used_corpus}")
 
     def config_for(m: Any, method: str) -> Any:
         return model_config(name, m, method).replace(**(overrides or {}))  # type: ignore[arg-type]
