@@ -171,7 +171,8 @@ def editing_order(editor: Any, cases: list[Any], how: str) -> list[int]:
         for c in range(k):
             members = unit[cluster == c]
             if len(members):
-                centres[c] = members.mean(dim=0) / members.mean(dim=0).norm().clamp_min(1e-12)
+                mean = members.mean(dim=0)
+                centres[c] = mean / mean.norm().clamp_min(1e-12)
     groups = [(cluster == c).nonzero()[:, 0].tolist() for c in range(k)]
     if how == "grouped":
         return [i for group in groups for i in group]

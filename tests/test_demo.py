@@ -237,3 +237,16 @@ def test_case_texts_are_every_sentence_of_a_case() -> None:
     assert texts[1 : 1 + len(case.paraphrases)] == list(case.paraphrases)
     assert len(texts) == 1 + len(case.paraphrases) + len(case.neighborhood) + len(case.generation_prompts)
     assert all(f"{p} {o}" in texts for p, o in case.neighborhood)
+
+
+def test_known_facts_of_an_unknown_model_or_one_without_cases_is_a_parameter_error() -> None:
+    import dataclasses
+
+    import eamet.models
+    from eamet.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="gpt-5"):
+        eamet.models.known_facts("gpt-5")
+    bare = dataclasses.replace(eamet.models.resolve("smollm2"), known_facts=None)
+    with pytest.raises(ParameterError, match="no known facts ship for smollm2-135m"):
+        eamet.models.known_facts(bare)

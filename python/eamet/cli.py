@@ -437,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--out", required=True, help="where to write the edit (.safetensors)")
     edit.add_argument("--method", choices=METHODS, default=METHODS[0], help="(default %(default)s)")
     choice = edit.add_mutually_exclusive_group()
-    choice.add_argument(
-        "--preset", help="reference settings of a model, e.g. llama2-7b (see EditConfig.preset)"
-    )
+    choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
     edit.add_argument("--layers", type=_layers, help="edited blocks, e.g. 3,4 (default: from the config)")
     edit.add_argument(
@@ -542,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--seed", type=int, default=0, help="seed of prefixes and templates (default 0)")
     choice = evaluate.add_mutually_exclusive_group()
-    choice.add_argument("--preset", help="reference settings of a model, e.g. llama2-7b")
+    choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
     evaluate.add_argument("--layers", type=_layers, help="edited blocks (default: from the config)")
     evaluate.add_argument(
