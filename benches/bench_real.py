@@ -15,7 +15,11 @@ strict and lenient efficacy / generalisation / specificity, fluency (``--fluency
 the edit's seconds and seconds per fact in the residual step, peak memory (RSS; on CUDA the device's peak
 allocation), the mean final loss terms, and — without ``--known-only`` — the same rates over the cases the
 model knew before editing (``known_*``). ``--merge`` adds earlier ``--json``
-outputs, so a long sweep can run in pieces.
+outputs, so a long sweep can run in pieces; the ``--json`` file is rewritten after every row, so a run that
+is cut keeps the rows it finished.
+
+``--sharing-subjects K`` keeps the cases whose subject has at least K cases in the data (the paper's several
+facts about one subject), grouped by subject.
 
 Models: ``pocket`` (the sandbox's shipped model and world; ``--data`` not used), a known name of
 ``eamet.models`` (``smollm2``), or a local directory / hub id. Corpus for C (``--corpus``): ``model:<n>``
@@ -41,11 +45,12 @@ from eamet.config import METHODS, EditConfig
 from eamet.editor import Editor
 from eamet.evaluation import evaluate, evaluation_prefixes, known_cases
 from eamet.metrics import RATE_KEYS
+from eamet.records import cases_sharing_subjects
 from eamet.runs import model_config
 from eamet.tokens import TokenAdapter
 from sweeps import check_idle, format_row, header, merged, plot
 
-EXTRA = ("fluency", "known_efficacy_strict", "s_per_fact", "peak_mib", "mean_nll")
+EXTRA = ("fluency", "known_efficacy_strict", "s_per_fact", "peak_mib", "mean_nll", "eval_seconds")
 
 
 def ints(text: str) -> list[int]:
@@ -88,6 +93,12 @@ def main() -> None:
         help="CounterFact JSON (ROME or EasyEdit form) or cases as JSONL (default: shipped known cases)",
     )
     parser.add_argument("--known-only", action="store_true", help="edit only cases the model knows strictly")
+    parser.add_argument(
+        "--sharing-subjects",
+        type=int,
+        metavar="K",
+        help="edit only cases whose subject has at least K cases in the data, grouped by subject",
+    )
     parser.add_argument("--edits", type=ints, default=[64, 256, 1024])
     parser.add_argument("--prefix-lens", type=ints, default=[0, 5, 50])
     parser.add_argument("--variant", action="append", type=variant, default=[], help="NAME=METHOD[:k=v,...]")
@@ -111,13 +122,27 @@ def main() -> None:
     known_ids = known_case_ids(model, tokenizer, cases, args)
     if args.known_only:
         cases = [c for c in cases if c.case_id in known_ids]
-    print(f"# {args.model}: {len(cases)} cases ({len(known_ids)} known)", flush=True)
+    looked_up = len(cases) if args.known_only else min(len(cases), max(args.edits))
+    n_known = sum(c.case_id in known_ids for c in cases[:looked_up])
+    print(f"# {args.model}: {len(cases)} cases, {n_known} known of the first {looked_up}", flush=True)
     corpus: Any = args.corpus
     tokens = TokenAdapter(tokenizer)
     prefixes = {n: evaluation_prefixes(model, tokens, n, seed=0) for n in args.prefix_lens}
     rows: list[dict[str, Any]] = []
     columns = (*header_columns(), *EXTRA)
     print(header(columns), flush=True)
+    command = "python " + " ".join(sys.argv)
+
+    def record(row: dict[str, Any]) -> None:
+        """Print a row and rewrite the JSON with every row so far, so a cut sweep keeps what it measured."""
+        rows.append(row)
+        print(format_row(row, columns), flush=True)
+        if args.json:
+            commands, merged_rows = merged(args.merge, command, rows)
+            payload = {"commands": commands, "load_average": load, "rows": merged_rows}
+            text = json.dumps(payload, indent=1) + "\n"
+            atomic_write(Path(args.json), lambda tmp: tmp.write_text(text))
+
     for n_edits in args.edits:
         if n_edits > len(cases):
             print(f"# skipping N = {n_edits}: only {len(cases)} cases", flush=True)
@@ -127,8 +152,7 @@ def main() -> None:
         if args.corpus == "cases":
             corpus = corpus_texts(n_edits)
         for length, pre in prefixes.items():
-            rows.append(measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before"))
-            print(format_row(rows[-1], columns), flush=True)
+            record(measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before"))
         for name, method, overrides in variants:
             config = base_config(model, method).replace(**{**overrides, **args.set})
             editor = Editor(model, tokenizer, config=config, corpus=corpus)
@@ -142,16 +166,11 @@ def main() -> None:
                 extra = edit_record(result, time.perf_counter() - began, config)
                 for length, pre in prefixes.items():
                     row = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, name)
-                    rows.append({**row, **extra})
-                    print(format_row(rows[-1], columns), flush=True)
+                    record({**row, **extra})
             finally:
                 result.undo()
-    command = "python " + " ".join(sys.argv)
     print(f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    commands, rows = merged(args.merge, command, rows)
-    if args.json:
-        payload = {"commands": commands, "load_average": load, "rows": rows}
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    _, rows = merged(args.merge, command, rows)
     if args.plot:
         plot(rows, args.plot, sorted({r["method"] for r in rows} - {"before"}), title=args.model)
 
@@ -180,10 +199,31 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
     else:
         cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
 
+    if args.sharing_subjects is not None:
+        # A subject asked the same way twice (CounterFact has a few) is one fact: keep its first case, or
+        # the editor refuses the pair as conflicting.
+        seen: set[tuple[str, str]] = set()
+        distinct = []
+        for case in cases:
+            key = (case.rewrite.subject.strip(), case.rewrite.prompt)
+            if key not in seen:
+                seen.add(key)
+                distinct.append(case)
+        cases = grouped_by_subject(cases_sharing_subjects(distinct, args.sharing_subjects))
+
     def corpus_texts(n_edits: int) -> list[str]:
         return [text for case in cases[n_edits:] for text in case.texts()]
 
     return model, tokenizer, cases, corpus_texts, lambda m, method: model_config(args.model, m, method)
+
+
+def grouped_by_subject(cases: list[Any]) -> list[Any]:
+    """``cases`` with the cases of one subject next to each other (subjects in order of first appearance),
+    so that the first N edits are groups of facts about the same subject (the last one may be cut)."""
+    first: dict[str, int] = {}
+    for case in cases:
+        first.setdefault(case.rewrite.subject.strip(), len(first))
+    return sorted(cases, key=lambda case: first[case.rewrite.subject.strip()])
 
 
 def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.Namespace) -> set[Any]:
@@ -193,8 +233,11 @@ def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.
 
     if args.model == "pocket" or args.data is None:  # the pocket world, or cases shipped as known
         return {c.case_id for c in cases}
+    if not args.known_only:  # only the edited cases are ever looked up
+        cases = cases[: max(args.edits)]
     digest = hashlib.sha256(model_fingerprint(model, ModelParts(model)).encode())
     digest.update(Path(args.data).read_bytes())
+    digest.update(json.dumps([c.case_id for c in cases]).encode())
     path = cache_dir("known") / f"{digest.hexdigest()[:24]}.json"
     if path.is_file():
         return set(json.loads(path.read_text())["ids"])
@@ -217,10 +260,12 @@ def measure(
     n_edits: int,
     name: str,
 ) -> dict[str, Any]:
+    began = time.perf_counter()
     report = evaluate(
         model, tokenizer, cases, prefixes=prefixes, prefix_len=length, fluency=args.fluency, progress=False
     )
     row: dict[str, Any] = {"edits": n_edits, "method": name, "prefix_len": length, **report.metrics()}
+    row["eval_seconds"] = time.perf_counter() - began
     if not args.known_only:
         rows = [r for r in report.per_record if r["case_id"] in known]
         row["known_cases"] = len(rows)
