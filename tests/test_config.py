@@ -347,6 +347,15 @@ def test_accepted_edge_values() -> None:
     assert len({c, c.replace()}) == 1
 
 
+def test_one_number_for_every_layer() -> None:
+    c = EditConfig(layers=(3, 4, 5), mom2_update_weight=558.1)  # type: ignore[arg-type]
+    assert c.mom2_update_weight == (558.1, 558.1, 558.1)
+    for bad in ("558", None, True, ("a", 1.0), (True,)):
+        with pytest.raises(ParameterError) as info:
+            EditConfig(layers=(3, 4), mom2_update_weight=bad)  # type: ignore[arg-type]
+        assert info.value.argument == "mom2_update_weight"
+
+
 def test_frozen_and_replace() -> None:
     c = EditConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
 from collections.abc import Mapping, Sequence
@@ -162,7 +163,8 @@ class EditConfig:
 
     # The update (§6).
     mom2_update_weight: tuple[float, ...] = (4000.0, 4000.0)
-    """λ per edited layer, scaling C = E[k kᵀ] in Δ(λC + KKᵀ) = RKᵀ."""
+    """λ per edited layer, scaling C = E[k kᵀ] in Δ(λC + KKᵀ) = RKᵀ; one number (or a 1-tuple) is used for
+    every layer."""
     solver: Solver = "cholesky"
     """``cholesky`` (ours) or ``inverse`` (the reference's explicit float64 inverse)."""
 
@@ -196,7 +198,7 @@ class EditConfig:
         if list(layers) != sorted(set(layers)):
             raise ParameterError(f"layers must be increasing and distinct, got {layers}", argument="layers")
         object.__setattr__(self, "layers", layers)
-        weights = tuple(float(w) for w in self.mom2_update_weight)
+        weights = _numbers(self.mom2_update_weight, "mom2_update_weight")
         if len(weights) == 1 and len(layers) > 1:
             weights = weights * len(layers)
         if len(weights) != len(layers) or not all(math.isfinite(w) and w >= 0 for w in weights):
@@ -567,6 +569,17 @@ def _check_method(method: str) -> None:
         raise ParameterError(
             f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}", argument="method"
         )
+
+
+def _numbers(given: Any, name: str) -> tuple[float, ...]:
+    """``given`` — one number or a sequence of numbers — as a tuple of floats; ParameterError otherwise."""
+    if isinstance(given, numbers.Real) and not isinstance(given, bool):
+        return (float(given),)
+    is_sequence = not isinstance(given, str | bytes) and hasattr(given, "__iter__")
+    items = list(given) if is_sequence else []
+    if not is_sequence or any(isinstance(x, bool) or not isinstance(x, numbers.Real) for x in items):
+        raise ParameterError(f"{name} must be a number or one number per layer, got {given!r}", argument=name)
+    return tuple(float(x) for x in items)
 
 
 def _check_choice(config: EditConfig, name: str, kind: Any) -> None:
