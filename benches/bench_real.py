@@ -45,7 +45,7 @@ from eamet.config import METHODS, EditConfig
 from eamet.editor import Editor
 from eamet.evaluation import evaluate, evaluation_prefixes, known_cases
 from eamet.metrics import RATE_KEYS
-from eamet.records import cases_sharing_subjects
+from eamet.records import cases_sharing_subjects, cases_texts
 from eamet.runs import model_config
 from eamet.tokens import TokenAdapter
 from sweeps import check_idle, format_row, header, merged, plot
@@ -212,7 +212,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
         cases = grouped_by_subject(cases_sharing_subjects(distinct, args.sharing_subjects))
 
     def corpus_texts(n_edits: int) -> list[str]:
-        return [text for case in cases[n_edits:] for text in case.texts()]
+        return cases_texts(cases[n_edits:])
 
     return model, tokenizer, cases, corpus_texts, lambda m, method: model_config(args.model, m, method)
 

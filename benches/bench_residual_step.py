@@ -196,12 +196,12 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
         sys.exit("--model smollm2 needs --data COUNTERFACT.json")
     import eamet.models
     from eamet.config import EditConfig
-    from eamet.records import load_dataset
+    from eamet.records import cases_texts, load_dataset
 
     model, tokenizer = eamet.models.load("smollm2-135m")
     cases = load_dataset("counterfact", args.data)
     rest = cases[args.edits : args.edits + args.corpus_records]
-    corpus = [text for case in rest for text in case.texts()]
+    corpus = cases_texts(rest)
     return model, tokenizer, cases, corpus, EditConfig.for_model
 
 

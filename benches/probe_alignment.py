@@ -78,7 +78,7 @@ def main() -> None:
     variants = args.variant or [variant(v) for v in DEFAULT_VARIANTS]
 
     from eamet.loading import load_model
-    from eamet.records import load_dataset
+    from eamet.records import cases_texts, load_dataset
 
     model, tokenizer = load_model(args.model)
     if args.data is None:
@@ -86,9 +86,7 @@ def main() -> None:
     else:
         cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
     edited = cases[: args.edits]
-    corpus: Any = (
-        [t for c in cases[args.edits :] for t in c.texts()] if args.corpus == "cases" else args.corpus
-    )
+    corpus: Any = cases_texts(cases[args.edits :]) if args.corpus == "cases" else args.corpus
     out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "variants": {}}
     for name, method, overrides in variants:
         config = model_config(args.model, model, method).replace(**{**overrides, **args.set})

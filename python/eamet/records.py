@@ -32,6 +32,7 @@ __all__ = [
     "EditCase",
     "case_from_record",
     "cases_sharing_subjects",
+    "cases_texts",
     "counterfact_case",
     "load_dataset",
     "zsre_case",
@@ -325,6 +326,12 @@ def cases_sharing_subjects(cases: Iterable[EditCase], per_subject: int) -> list[
     cases = list(cases)
     counts = Counter(case.rewrite.subject.strip() for case in cases)
     return [case for case in cases if counts[case.rewrite.subject.strip()] >= per_subject]
+
+
+def cases_texts(cases: Iterable[EditCase]) -> list[str]:
+    """Every sentence of ``cases`` (:meth:`EditCase.texts`, case after case): the covariance corpus eamet
+    uses for C when no other text is at hand (``corpus="cases"`` of the demo and the benches)."""
+    return [text for case in cases for text in case.texts()]
 
 
 # -- helpers --------------------------------------------------------------------------------------------

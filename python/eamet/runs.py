@@ -300,7 +300,7 @@ def _real_demo(
     overrides: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from eamet.loading import load_model
-    from eamet.records import load_dataset
+    from eamet.records import cases_texts, load_dataset
 
     known = _known_model(name)
     if data is None and (known is None or known.known_facts is None):
@@ -321,9 +321,7 @@ def _real_demo(
         source = f"CounterFact cases {known.name} knows (shipped)"
     n = _edit_count(edits, REAL_MODEL_EDITS, len(cases))
     used_corpus = corpus if corpus is not None else REAL_MODEL_CORPUS
-    corpus_texts = (
-        [text for case in cases[n:] for text in case.texts()] if used_corpus == "cases" else used_corpus
-    )
+    corpus_texts = cases_texts(cases[n:]) if used_corpus == "cases" else used_corpus
     if not corpus_texts:
         raise ParameterError(
             f"C from the cases not edited needs more than {n} cases; pass a corpus", argument="corpus"
