@@ -12,6 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from eamet.cli import main  # noqa: E402
+from eamet.errors import FactError  # noqa: E402
 from eamet.records import cases_texts  # noqa: E402
 from eamet.runs import RATE_KEYS  # noqa: E402
 from eamet.sandbox import World, pocket  # noqa: E402
@@ -241,6 +242,9 @@ def test_case_texts_are_every_sentence_of_a_case() -> None:
     other = World.generate(seed=1, n_subjects=4, relations_per_subject=1).cases[1]
     assert cases_texts([case, other]) == texts + other.texts()
     assert cases_texts([]) == []
+    with pytest.raises(FactError) as info:
+        cases_texts([case, case.rewrite])  # type: ignore[list-item]
+    assert info.value.row == 1
 
 
 def test_known_facts_of_an_unknown_model_or_one_without_cases_is_a_parameter_error() -> None:

@@ -330,8 +330,16 @@ def cases_sharing_subjects(cases: Iterable[EditCase], per_subject: int) -> list[
 
 def cases_texts(cases: Iterable[EditCase]) -> list[str]:
     """Every sentence of ``cases`` (:meth:`EditCase.texts`, case after case): the covariance corpus eamet
-    uses for C when no other text is at hand (``corpus="cases"`` of the demo and the benches)."""
-    return [text for case in cases for text in case.texts()]
+    uses for C when no other text is at hand (``corpus="cases"`` of the demo and the benches).
+
+    Raises ``FactError`` (with ``row``) for an item that is not an :class:`EditCase`.
+    """
+    texts: list[str] = []
+    for row, case in enumerate(cases):
+        if not isinstance(case, EditCase):
+            raise FactError(f"cases_texts needs EditCase items, got {type(case).__name__}", row=row)
+        texts += case.texts()
+    return texts
 
 
 # -- helpers --------------------------------------------------------------------------------------------
