@@ -74,6 +74,36 @@ def test_edit_layers_and_seed_options_reach_the_config(model_dir: Path, tmp_path
     assert config.layers == (1,) and config.seed == 7 and len(config.mom2_update_weight) == 1
 
 
+def test_edit_from_a_saved_edit_re_solves_it(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    assert main(_edit_args(model_dir, tmp_path, "--method", "memit", "--residual-store", str(store))) == 0
+    first = EditResult.load(tmp_path / "edit.safetensors")
+    assert len(list(store.glob("residuals/*/*.safetensors"))) == len(FACTS)
+    capsys.readouterr()
+    # The same edit again: every residual comes from the store.
+    assert main(_edit_args(model_dir, tmp_path, "--method", "memit", "--residual-store", str(store))) == 0
+    assert f"({len(FACTS)} residuals from the store)" in capsys.readouterr().out
+    out = tmp_path / "resolved.safetensors"
+    common = ["--model", str(model_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    common += ["--corpus", str(model_dir / "corpus.txt"), "--samples", "100", "--no-progress"]
+    argv = ["edit", "--from", str(tmp_path / "edit.safetensors"), *common]
+    assert main([*argv, "--mom2-update-weight", "7,9"]) == 0
+    assert "residuals reused" in capsys.readouterr().out
+    resolved = EditResult.load(out)
+    assert resolved.config.mom2_update_weight == (7.0, 9.0)
+    assert torch.equal(resolved.deltas, first.deltas) and all(s.reused for s in resolved.stats)
+    assert not torch.equal(resolved.updates[0].solved_keys, first.updates[0].solved_keys)
+    # What a re-solve cannot honour is a one-line error.
+    assert main([*argv, "--method", "eamet"]) == 1
+    assert "--method would change the residuals" in capsys.readouterr().err
+    assert main([*argv, "--layers", "0"]) == 1
+    assert "residuals live at block" in capsys.readouterr().err
+    assert main([*argv, "--mom2-update-weight", "1,2,3"]) == 1
+    assert "one finite λ >= 0 per layer" in capsys.readouterr().err
+
+
 def test_edit_rejects_conflicting_facts_before_loading_the_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

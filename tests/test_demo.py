@@ -156,8 +156,19 @@ def test_eval_applies_a_saved_edit_to_the_records_it_was_made_from(
     assert main([*argv, "--edit", str(tmp_path / "edit.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "not facts of" in err and len(err.strip().splitlines()) == 1
-    assert main([*argv, "--edit", str(tmp_path / "edit.safetensors"), "--layers", "0"]) == 1
-    assert "--layers only apply with --method" in capsys.readouterr().err
+    assert main([*argv, "--edit", str(tmp_path / "edit.safetensors"), "--fact-batch", "2"]) == 1
+    assert "--fact-batch only apply with --method" in capsys.readouterr().err
+
+    # --mom2-update-weight with --edit re-solves the saved edit (its residuals) before evaluating it.
+    argv = ["eval", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--format", "jsonl"]
+    argv += ["--edit", str(tmp_path / "edit.safetensors"), "--corpus", str(root / "corpus.txt")]
+    lam = result.config.mom2_update_weight[0] * 1000
+    assert main([*argv, "--mom2-update-weight", str(lam), "--json", str(out), "--no-progress"]) == 0
+    resolved = json.loads(out.read_text())
+    assert resolved["config"]["resolved"] == {"mom2_update_weight": [lam]}
+    # A λ a thousand times larger keeps the edit from landing as well as the original λ did.
+    assert resolved["results"]["memit"]["efficacy_lenient"] < after["efficacy_lenient"]
+    assert resolved["results"]["memit"]["edit_seconds"] > 0
 
 
 def test_a_failure_during_evaluation_leaves_the_model_unedited(

@@ -1,5 +1,5 @@
-"""Guards around an edit: failures after the solve, fingerprints of checkpoints and statistics, devices,
-numerically broken solves, fact-token bounds, damaged checkpoint manifests and bad template seeds."""
+"""Guards around an edit: failures after the solve, fingerprints of residual stores and statistics,
+devices, numerically broken solves, fact-token bounds, foreign store directories and bad template seeds."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import torch
 
 import eamet.editor as editor_module
 from eamet import EditConfig
-from eamet.checkpoint import ResidualCheckpoint as _Checkpoint
 from eamet.covariance import CovarianceCollector, model_fingerprint, model_source
 from eamet.editor import _same_device
 from eamet.errors import CacheError, FactError, ParameterError, SolveError
 from eamet.parts import ModelParts
 from eamet.solve import LayerUpdate, apply_update, solve_layer
+from eamet.store import ResidualStore
 from eamet.tokens import TokenAdapter
 from editing_helpers import bit_equal, changed, make_editor, small_config, small_facts, small_model, snapshot
 from tiny import bpe_tokenizer, sentencepiece_tokenizer
@@ -74,23 +74,26 @@ def test_a_failing_report_does_not_fail_the_edit(
     result.undo()
 
 
-def test_checkpoint_fingerprint_covers_the_head_and_the_tokenizer(tok: Any, tmp_path: Path) -> None:
+def test_residual_store_keys_cover_the_head_and_the_tokenizer(tok: Any, tmp_path: Path) -> None:
     model = small_model("llama")
     editor = make_editor(model, sentencepiece_tokenizer(), small_config(model), tmp_path)
-    facts = small_facts(2)
-    base = editor._fingerprint(facts)
-    assert editor._fingerprint(facts) == base
+
+    def base(of: Any = editor) -> str:
+        return str(of._residual_base(model_fingerprint(model, of.parts), ["{}"], torch.float32))
+
+    first = base()
+    assert base() == first
     for weight in (model.lm_head.weight, model.model.norm.weight, editor.parts.rewrite_weight(3)):
         saved = weight.detach().clone()
         with torch.no_grad():
             weight.add_(1e-3)
-        assert editor._fingerprint(facts) != base
+        assert base() != first
         with torch.no_grad():
             weight.copy_(saved)
     other_tokenizer = make_editor(
         model, sentencepiece_tokenizer(vocab_size=200), small_config(model), tmp_path
     )
-    assert other_tokenizer._fingerprint(facts) != base
+    assert base(other_tokenizer) != first
 
 
 def test_fingerprints_hash_weights_even_for_hub_models() -> None:
@@ -198,19 +201,18 @@ def test_a_fact_token_outside_the_prompt_is_a_fact_error(monkeypatch: pytest.Mon
         tokens.prompt("capital city : {}", "Alan Turing")
 
 
-@pytest.mark.parametrize("manifest", ["[1, 2]", '{"fingerprint": "x"}', '{"templates": 3}', "{"])
-def test_a_foreign_checkpoint_manifest_is_a_cache_error(tmp_path: Path, manifest: str) -> None:
-    (tmp_path / "run.json").write_text(manifest, encoding="utf-8")
-    with pytest.raises(CacheError, match=r"run\.json"):
-        _Checkpoint(tmp_path, "x", ["{}"])
+@pytest.mark.parametrize("marker", ["[1, 2]", '{"format": 99}', "{"])
+def test_a_foreign_store_marker_is_a_cache_error(tmp_path: Path, marker: str) -> None:
+    (tmp_path / "eamet-residual-store.json").write_text(marker, encoding="utf-8")
+    with pytest.raises(CacheError, match=r"eamet-residual-store\.json"):
+        ResidualStore(tmp_path)
 
 
-def test_a_checkpoint_of_another_edit_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "run.json").write_text(
-        json.dumps({"fingerprint": "a", "templates": ["{}"]}), encoding="utf-8"
-    )
-    with pytest.raises(CacheError, match="different edit"):
-        _Checkpoint(tmp_path, "b", ["{}"])
+def test_a_directory_of_something_else_is_not_made_a_store(tmp_path: Path) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"fingerprint": "a"}), encoding="utf-8")
+    with pytest.raises(CacheError, match="not a residual store"):
+        ResidualStore(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
 @pytest.mark.parametrize("seeds", ["The", ("The", ""), ("The", "  "), ("The", 3)])

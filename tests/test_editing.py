@@ -409,7 +409,7 @@ def test_successful_edit_restores_flags(tok: Any, stats_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# resuming from a checkpoint
+# resuming from a residual store
 
 
 @pytest.mark.parametrize("method", ["eamet", "memit"])
@@ -422,7 +422,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
     cfg = small_config(ref_model, method)
     reference = make_editor(ref_model, tok, cfg, stats_dir).edit(facts, progress=False)
 
-    ckpt = tmp_path / "ckpt"
+    store = tmp_path / "store"
     killed_model = small_model("gpt2")
     before = snapshot(killed_model)
     seen: list[Any] = []
@@ -432,7 +432,7 @@ def test_resume_after_kill_matches_uninterrupted_run(
         _fail_on_call(ResidualOptimizer.optimize, k + 1, KeyboardInterrupt(), seen),
     )
     with pytest.raises(KeyboardInterrupt):
-        make_editor(killed_model, tok, cfg, stats_dir).edit(facts, checkpoint_dir=ckpt, progress=False)
+        make_editor(killed_model, tok, cfg, stats_dir).edit(facts, residual_store=store, progress=False)
     assert changed(killed_model, before) == set()
 
     calls: list[int] = []
@@ -444,26 +444,32 @@ def test_resume_after_kill_matches_uninterrupted_run(
 
     monkeypatch.setattr(ResidualOptimizer, "optimize", counting)
     model = small_model("gpt2")
-    resumed = make_editor(model, tok, cfg, stats_dir).edit(facts, checkpoint_dir=ckpt, progress=False)
+    resumed = make_editor(model, tok, cfg, stats_dir).edit(facts, residual_store=store, progress=False)
     assert calls == list(range(k, n)), "the resumed run re-optimised saved facts"
     assert bit_equal(resumed.deltas, reference.deltas)
     assert same_weights(model, ref_model)
+    assert [s.reused for s in resumed.stats] == [True] * k + [False] * (n - k)
     for a, b in zip(resumed.stats, reference.stats, strict=True):
-        assert {**a.to_dict(), "seconds": 0} == {**b.to_dict(), "seconds": 0}
+        assert {**a.to_dict(), "seconds": 0, "reused": 0} == {**b.to_dict(), "seconds": 0, "reused": 0}
     assert resumed.templates == reference.templates
 
-    # The finished checkpoint replays everything; another run's checkpoint is refused.
+    # The finished store replays everything, also under the older name checkpoint_dir.
     calls.clear()
     again_model = small_model("gpt2")
-    make_editor(again_model, tok, cfg, stats_dir).edit(facts, checkpoint_dir=ckpt, progress=False)
+    with pytest.warns(DeprecationWarning, match="residual_store"):
+        make_editor(again_model, tok, cfg, stats_dir).edit(facts, checkpoint_dir=store, progress=False)
     assert calls == [] and same_weights(again_model, ref_model)
-    other = small_model("gpt2")
-    before = snapshot(other)
-    with pytest.raises(CacheError):
-        make_editor(other, tok, cfg, stats_dir).edit(
-            small_facts(n, offset=3), checkpoint_dir=ckpt, progress=False
-        )
-    assert changed(other, before) == set()
+
+    # Facts 3..8: MEMIT reuses the three it shares (its residuals are independent); EAMET's first fact
+    # already sees other residuals before it, so it reuses none. Nothing is mixed up either way.
+    calls.clear()
+    shifted = small_facts(n, offset=3)
+    other, fresh_model = small_model("gpt2"), small_model("gpt2")
+    fresh = make_editor(fresh_model, tok, cfg, stats_dir).edit(shifted, progress=False)
+    calls.clear()
+    stored = make_editor(other, tok, cfg, stats_dir).edit(shifted, residual_store=store, progress=False)
+    assert calls == (list(range(3, n)) if method == "memit" else list(range(n)))
+    assert torch.allclose(stored.deltas, fresh.deltas, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------

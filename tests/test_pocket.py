@@ -22,8 +22,10 @@ from eamet.sandbox.pocket import (  # noqa: E402
     train_tokenizer,
 )
 
+# Trained to full recall of the training phrasings: stopping at 0.98 left the editing phrasings, which the
+# tests hold to 0.98 as well, at 0.972 with transformers 5.25 / tokenizers 0.23 (10 epochs instead of 8).
 FAST = PocketSettings(
-    hidden=128, ffn=256, layers=2, heads=4, max_epochs=40, target_recall=0.98, check_every=2, lr=5e-3,
+    hidden=128, ffn=256, layers=2, heads=4, max_epochs=40, target_recall=1.0, check_every=2, lr=5e-3,
     warmup_steps=20, batch_size=16,
 )  # fmt: skip
 

@@ -206,13 +206,13 @@ def test_resume_after_a_kill_mid_batches(tok: Any, tmp_path: Path, monkeypatch: 
         return real(self, batch, saved)
 
     monkeypatch.setattr(ResidualOptimizer, "optimize", dying)
-    ckpt = tmp_path / "ckpt"
+    store = tmp_path / "store"
     with pytest.raises(KeyboardInterrupt):
-        make_editor(model, tok, config, tmp_path / "stats").edit(facts, checkpoint_dir=ckpt, progress=False)
+        make_editor(model, tok, config, tmp_path / "stats").edit(facts, residual_store=store, progress=False)
     calls.clear()
     monkeypatch.setattr(ResidualOptimizer, "optimize", lambda s, b, v: calls.append(list(b)) or real(s, b, v))
     resumed = make_editor(model, tok, config, tmp_path / "stats").edit(
-        facts, checkpoint_dir=ckpt, progress=False
+        facts, residual_store=store, progress=False
     )
     assert calls == [[2, 3], [4]], "the resumed run redid a saved batch or skipped one"
     assert torch.equal(resumed.deltas, reference.deltas)

@@ -26,12 +26,14 @@ from eamet.moments import SecondMoment
 from eamet.records import load_dataset
 
 if TYPE_CHECKING:
+    from eamet.capacity import CapacityReport
     from eamet.editor import Editor, EditResult
     from eamet.evaluation import EvaluationReport, evaluate, known_cases
     from eamet.tracing import TraceReport, trace
 
 __all__ = [
     "ArchSpec",
+    "CapacityReport",
     "EametError",
     "EditConfig",
     "EditResult",
@@ -56,6 +58,7 @@ __all__ = [
 ]
 
 _LAZY = {
+    "CapacityReport": "eamet.capacity",
     "Editor": "eamet.editor",
     "EditResult": "eamet.editor",
     "EvaluationReport": "eamet.evaluation",

@@ -1,20 +1,33 @@
 """Figures of reports (matplotlib, object API, no pyplot state): a
-:class:`~eamet.diagnostics.MisalignmentReport` and a :class:`~eamet.tracing.TraceReport`."""
+:class:`~eamet.diagnostics.MisalignmentReport`, a :class:`~eamet.tracing.TraceReport` and a
+:class:`~eamet.capacity.CapacityReport`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from eamet.errors import MissingDependencyError
 
 if TYPE_CHECKING:
+    from eamet.capacity import CapacityReport
     from eamet.diagnostics import MisalignmentReport
     from eamet.tracing import TraceReport
 
-__all__ = ["plot_report", "plot_trace"]
+__all__ = ["plot_capacity", "plot_report", "plot_trace"]
+
+
+def _figure_class() -> Any:
+    """matplotlib's ``Figure``, or ``MissingDependencyError`` saying what to install."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "plotting needs matplotlib: pip install 'eamet[plot]'", argument="plot"
+        ) from exc
+    return Figure
 
 
 def plot_report(report: MisalignmentReport, path: Path, *, rows: int = 4) -> Path:
@@ -24,14 +37,8 @@ def plot_report(report: MisalignmentReport, path: Path, *, rows: int = 4) -> Pat
     fact; (c) for the ``rows`` worst facts, key cosine vs residual cosine over each one's top-M key
     neighbours — an aligned fact lies on the diagonal.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "plotting needs matplotlib: pip install 'eamet[plot]'", argument="plot"
-        ) from exc
-
-    fig = Figure(figsize=(15, 4.6), layout="constrained")
+    figure = _figure_class()
+    fig = figure(figsize=(15, 4.6), layout="constrained")
     ax_hist, ax_overlap, ax_rows = fig.subplots(1, 3)
     scores = report.scores
     support = "j < i" if report.progressive else "j ≠ i"
@@ -89,14 +96,8 @@ def plot_trace(report: TraceReport, path: Path) -> Path:
     restored at block l, between the clean and corrupted baselines (dashed); (b) the indirect effect
     (restored − corrupted) per block, with the 25–75 % range over records shaded.
     """
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "plotting needs matplotlib: pip install 'eamet[plot]'", argument="plot"
-        ) from exc
-
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    figure = _figure_class()
+    fig = figure(figsize=(11, 4.2), layout="constrained")
     ax_prob, ax_effect = fig.subplots(1, 2)
     s = report.settings
     window = f", MLP window {s['window']}" if "mlp" in report.kinds else ""
@@ -133,4 +134,64 @@ def plot_trace(report: TraceReport, path: Path) -> Path:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_capacity(report: CapacityReport, path: Path) -> Path:
+    """Writes one row of three panels per block to ``path`` and returns it: (a) the distribution of the
+    leverage h_i with its mean; (b) the mean leverage tr(H)/N against λ on a log axis, the block's λ
+    marked (absent for a report read from an edit, which keeps no spectrum); (c) each fact's leverage
+    against its top-1 key cosine (crowded facts sit right).
+    """
+    figure = _figure_class()
+
+    rows = len(report.blocks)
+    fig = figure(figsize=(15, 4.2 * rows), layout="constrained")
+    axes = np.asarray(fig.subplots(rows, 3, squeeze=False))
+    fig.suptitle(
+        f"Capacity of {report.facts} facts ({report.method}): leverage h_i = k_iᵀ(λC + KᵀK)⁻¹k_i per block"
+    )
+    for (ax_hist, ax_curve, ax_cos), block in zip(axes, report.blocks, strict=True):
+        mean = block.mean_leverage
+        ax_hist.hist(block.leverage, bins=np.linspace(0.0, 1.0, 41), color="#4477aa")
+        ax_hist.axvline(mean, color="#cc6677", linewidth=1.5, label=f"mean {mean:.3f}")
+        ax_hist.set_xlim(0, 1)
+        ax_hist.set_xlabel("leverage h_i")
+        ax_hist.set_ylabel("facts")
+        ax_hist.set_title(
+            f"(a) block {block.layer}, λ = {block.lam:.4g}: tr(H) = {block.trace:.1f} of N = {block.n}"
+        )
+        ax_hist.legend(fontsize="small", loc="best")
+
+        if block.source == "edit":
+            ax_curve.text(0.5, 0.5, "read from an edit:\nno spectrum to vary λ", ha="center", va="center")
+            ax_curve.set_axis_off()
+        else:
+            ref = block.lam if block.lam > 0 else 1.0
+            lams = np.geomspace(ref * 1e-3, ref * 1e3, 61)
+            ax_curve.plot(lams, [block.mean_leverage_at(float(x)) for x in lams], color="#4477aa")
+            if block.lam > 0:
+                ax_curve.axvline(block.lam, color="0.6", linestyle="--", linewidth=1)
+                ax_curve.plot([block.lam], [mean], "o", color="#cc6677", label=f"λ = {block.lam:.4g}")
+                ax_curve.legend(fontsize="small", loc="best")
+            ax_curve.set_xscale("log")
+            ax_curve.set_ylim(-0.02, 1.02)
+            ax_curve.set_xlabel("λ")
+            ax_curve.set_ylabel("mean leverage tr(H)/N")
+            ax_curve.set_title(f"(b) block {block.layer}: mean leverage against λ ({block.source})")
+
+        if block.top_cos.shape[1]:
+            ax_cos.scatter(
+                block.top_cos[:, 0], block.leverage, s=10, alpha=0.5, color="#228833", linewidths=0
+            )
+            ax_cos.set_xlabel("cosine to the nearest other key")
+            ax_cos.set_ylabel("leverage h_i")
+            ax_cos.set_ylim(-0.02, 1.02)
+            ax_cos.set_title(f"(c) block {block.layer}: leverage against crowding")
+        else:
+            ax_cos.text(0.5, 0.5, "no key cosines", ha="center", va="center")
+            ax_cos.set_axis_off()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     return path

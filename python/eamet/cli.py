@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -118,6 +119,17 @@ def _layers(text: str) -> tuple[int, ...]:
     return layers
 
 
+def _lambdas(text: str) -> tuple[float, ...]:
+    """Comma-separated λ (``mom2_update_weight``): one for every block, or one per block."""
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not all(0 <= v < float("inf") for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite λ >= 0, got {text!r}")
+    return values
+
+
 def _edit_config(args: argparse.Namespace, model: Any) -> Any:
     from eamet.config import EditConfig
 
@@ -136,6 +148,10 @@ def _edit_config(args: argparse.Namespace, model: Any) -> Any:
             changes["mom2_update_weight"] = (config.mom2_update_weight[-1],) * len(args.layers)
     if args.samples is not None:
         changes["mom2_n_samples"] = args.samples
+    if getattr(args, "mom2_update_weight", None) is not None:
+        changes["mom2_update_weight"] = args.mom2_update_weight  # one λ, or one per block
+    if getattr(args, "align_below_nll", None) is not None:
+        changes["align_below_nll"] = args.align_below_nll
     if args.seed is not None:
         changes["seed"] = args.seed
     changes.update(_speed_changes(args))
@@ -152,6 +168,16 @@ def _speed_changes(args: argparse.Namespace) -> dict[str, Any]:
     return changes
 
 
+def _align_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--align-below-nll",
+        type=_positive_float,
+        metavar="T",
+        help="EAMET: count the alignment terms for a fact only while its NLL is below T (eamet's own "
+        "extension, docs/editing.md; default: from the config)",
+    )
+
+
 def _speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fact-batch",
@@ -165,25 +191,59 @@ def _speed_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _solve_changes(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings of the solve given on the command line, for a re-solve (``--from``, ``eval --edit``)."""
+    names = {"layers": "layers", "samples": "mom2_n_samples", "mom2_update_weight": "mom2_update_weight"}
+    return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg, None) is not None}
+
+
+def _refuse_with_an_edit(args: argparse.Namespace, names: Sequence[str], why: str) -> None:
+    given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, False)]
+    if given:
+        raise EametError(f"{', '.join(given)} {why}")
+
+
 def _cmd_edit(args: argparse.Namespace) -> int:
     from eamet.editor import Editor
     from eamet.loading import load_facts, load_model
+    from eamet.results import EditResult
 
-    facts = load_facts(args.facts)  # before the (slow) model load: bad facts fail fast
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    config = _edit_config(args, model)
-    editor = Editor(model, tokenizer, config=config, corpus=args.corpus, cache_dir=args.cache_dir)
-    result = editor.edit(facts, checkpoint_dir=args.checkpoint_dir, progress=not args.no_progress)
+    if args.source is not None:
+        _refuse_with_an_edit(
+            args,
+            ("preset", "config", "method", "seed", "fact_batch", "z_dtype", "residual_store"),
+            "would change the residuals; a re-solve (--from) keeps the edit's own (change only --layers, "
+            "--corpus, --samples, --mom2-update-weight)",
+        )
+        source = EditResult.load(args.source)  # before the (slow) model load: a bad file fails fast
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        editor = Editor(model, tokenizer, config=source.config, corpus=args.corpus, cache_dir=args.cache_dir)
+        result = editor.resolve(source, progress=not args.no_progress, **_solve_changes(args))
+        config = result.config
+        print(
+            f"re-solved {len(result.facts)} facts of {args.source} at layers {list(config.layers)}, λ "
+            f"{', '.join(f'{lam:g}' for lam in config.mom2_update_weight)} (residuals reused)"
+        )
+    else:
+        method = args.method or METHODS[0]
+        facts = load_facts(args.facts)  # before the (slow) model load: bad facts fail fast
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        config = _edit_config(argparse.Namespace(**{**vars(args), "method": method}), model)
+        editor = Editor(model, tokenizer, config=config, corpus=args.corpus, cache_dir=args.cache_dir)
+        result = editor.edit(facts, residual_store=args.residual_store, progress=not args.no_progress)
+        summary = result.summary()
+        reused = sum(s.reused for s in result.stats)
+        print(
+            f"edited {summary['facts']} facts with {config.method} at layers {list(config.layers)}: mean NLL "
+            f"{summary['mean']['nll']:.4f}, residual step {summary['residual_seconds']:.1f} s"
+            + (f" ({reused} residuals from the store)" if reused else "")
+            + f", misalignment total {summary['misalignment_total']}"
+        )
     result.save(args.out)
-    summary = result.summary()
-    print(
-        f"edited {summary['facts']} facts with {config.method} at layers {list(config.layers)}: mean NLL "
-        f"{summary['mean']['nll']:.4f}, residual step {summary['residual_seconds']:.1f} s, misalignment "
-        f"total {summary['misalignment_total']}"
-    )
     print(f"wrote {args.out}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": "edit", "out": str(args.out), **summary}, indent=1))
+        payload = {"command": "edit", "out": str(args.out), **result.summary()}
+        Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
     return 0
 
@@ -216,6 +276,45 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"command": "stats", "layers": rows}, indent=1))
         print(f"wrote {args.json}")
+    return 0
+
+
+def _open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def _cmd_capacity(args: argparse.Namespace) -> int:
+    from eamet.editor import Editor
+    from eamet.loading import load_facts, load_model
+
+    facts = load_facts(args.facts)  # before the (slow) model load: bad facts fail fast
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    config = _edit_config(args, model)  # --mom2-update-weight included: one λ, or one per block
+    editor = Editor(model, tokenizer, config=config, corpus=args.corpus, cache_dir=args.cache_dir)
+    report = editor.capacity(facts, progress=not args.no_progress)
+    print(report.table())
+    payload: dict[str, Any] = {"command": "capacity", "model": args.model, **report.to_dict()}
+    if args.lambda_for is not None:
+        suggested = report.lambda_for(args.lambda_for)
+        shown = ", ".join(
+            f"block {b.layer}: {lam:.6g}" for b, lam in zip(report.blocks, suggested, strict=True)
+        )
+        print(f"largest λ keeping the mean leverage >= {args.lambda_for:g} (eamet's own rule): {shown}")
+        at = report.at(suggested)
+        print(at.table())
+        payload["lambda_for"] = {
+            "target": args.lambda_for,
+            "lambdas": list(suggested),
+            "report": at.to_dict(),
+        }
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+    if args.plot:
+        print(f"wrote {report.plot(args.plot)}")
     return 0
 
 
@@ -271,13 +370,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.edit:
         from eamet.editor import EditResult
 
-        ignored = [
-            f"--{n.replace('_', '-')}"
-            for n in ("preset", "config", "layers", "corpus", "samples", "fact_batch", "z_dtype")
-            if getattr(args, n) is not None
-        ]
-        if ignored:
-            raise EametError(f"{', '.join(ignored)} only apply with --method (the edit is already made)")
+        _refuse_with_an_edit(
+            args,
+            ("preset", "config", "fact_batch", "z_dtype"),
+            "only apply with --method (the edit's residuals are made; --layers, --corpus, --samples and "
+            "--mom2-update-weight re-solve it)",
+        )
         edit = EditResult.load(args.edit)
         made = {(f.prompt, f.subject.strip(), f.target.strip()) for f in edit.facts}
         missing = [
@@ -302,9 +400,25 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.edit:
         # The edit was made elsewhere: its misalignment is in the file, its time is not.
         common["extra_config"]["edit"] = args.edit
-        run = compare_edits(
-            model, tokenizer, cases, [(edit.config.method, lambda: (edit.apply(model), None))], **common
-        )
+        changes = _solve_changes(args)
+        if changes or args.corpus is not None:
+            from eamet.editor import Editor
+
+            editor = Editor(model, tokenizer, config=edit.config, corpus=args.corpus)
+            common["extra_config"]["resolved"] = {
+                k: list(v) if isinstance(v, tuple) else v for k, v in changes.items()
+            }
+
+            def apply() -> tuple[Any, float]:
+                start = time.perf_counter()
+                resolved = editor.resolve(edit, progress=not args.no_progress, **changes)
+                return resolved, time.perf_counter() - start
+
+            run = compare_edits(model, tokenizer, cases, [(edit.config.method, apply)], **common)
+        else:
+            run = compare_edits(
+                model, tokenizer, cases, [(edit.config.method, lambda: (edit.apply(model), None))], **common
+            )
     else:
         run = run_edits(
             model,
@@ -433,9 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _model_options(edit)
-    edit.add_argument("--facts", required=True, help="facts, one JSON record per line (or a .json list)")
+    what = edit.add_mutually_exclusive_group(required=True)
+    what.add_argument("--facts", help="facts, one JSON record per line (or a .json list)")
+    what.add_argument(
+        "--from",
+        dest="source",
+        metavar="EDIT.safetensors",
+        help="re-solve a saved edit with other solve settings (--mom2-update-weight, --layers ending at "
+        "the same block, --corpus, --samples), reusing its residuals: seconds instead of the residual step",
+    )
     edit.add_argument("--out", required=True, help="where to write the edit (.safetensors)")
-    edit.add_argument("--method", choices=METHODS, default=METHODS[0], help="(default %(default)s)")
+    edit.add_argument("--method", choices=METHODS, help=f"(default {METHODS[0]})")
     choice = edit.add_mutually_exclusive_group()
     choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
@@ -446,9 +568,22 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
     )
+    edit.add_argument(
+        "--mom2-update-weight",
+        type=_lambdas,
+        metavar="L[,L]",
+        help="λ of the solve: one for every block or one per block (default: from the config)",
+    )
     edit.add_argument("--cache-dir", help="statistics cache (default ~/.cache/eamet/stats)")
-    edit.add_argument("--checkpoint-dir", help="save each fact's residual here; a rerun resumes")
+    edit.add_argument(
+        "--residual-store",
+        "--checkpoint-dir",
+        metavar="DIR",
+        help="keep every fact's residual here: a rerun resumes, and later edits with another λ, other "
+        "blocks ending at the same one, or a prefix of the facts reuse them (--checkpoint-dir: older name)",
+    )
     edit.add_argument("--seed", type=int, help="seed of the context templates (default: from the config)")
+    _align_option(edit)
     _speed_options(edit)
     edit.set_defaults(run=_cmd_edit)
 
@@ -472,6 +607,46 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--bos", choices=get_args(BosPolicy), default="native", help="BOS policy")
     stats.add_argument("--out", help="cache directory (default ~/.cache/eamet/stats)")
     stats.set_defaults(run=_cmd_stats)
+
+    capacity = commands.add_parser(
+        "capacity",
+        help="forecast how much of each fact's residual the update can realise (leverage), before editing",
+        description=(
+            "From the keys (one forward per fact and block) and C alone, per edited block: each fact's "
+            "leverage h_i = k_i'(λC + K'K)^-1 k_i (the share of a lone residual the solve realises), "
+            "tr(H) against N, and the cosines to each fact's top-M key neighbours. No weight changes."
+        ),
+    )
+    _model_options(capacity)
+    capacity.add_argument("--facts", required=True, help="facts, one JSON record per line (or a .json list)")
+    capacity.add_argument("--method", choices=METHODS, default=METHODS[0], help="(default %(default)s)")
+    choice = capacity.add_mutually_exclusive_group()
+    choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
+    choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
+    capacity.add_argument("--layers", type=_layers, help="edited blocks, e.g. 3,4 (default: from the config)")
+    capacity.add_argument(
+        "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
+    )
+    capacity.add_argument(
+        "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
+    )
+    capacity.add_argument(
+        "--mom2-update-weight",
+        type=_lambdas,
+        metavar="L[,L]",
+        help="λ: one for every block or one per block (default: from the config)",
+    )
+    capacity.add_argument(
+        "--lambda-for",
+        type=_open_fraction,
+        metavar="TARGET",
+        help="also print, per block, the largest λ keeping the mean leverage >= TARGET (eamet's own rule), "
+        "and the report at that λ",
+    )
+    capacity.add_argument("--plot", metavar="OUT.png", help="also draw the report (needs eamet[plot])")
+    capacity.add_argument("--cache-dir", help="statistics cache (default ~/.cache/eamet/stats)")
+    capacity.add_argument("--seed", type=int, help="seed of the context templates (default: from the config)")
+    capacity.set_defaults(run=_cmd_capacity, fact_batch=None, z_dtype=None)  # _edit_config reads them
 
     demo = commands.add_parser(
         "demo",
@@ -548,6 +723,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset> or model:<n> (text the model samples)",
     )
     evaluate.add_argument("--samples", type=_positive_int, help="corpus documents for C")
+    evaluate.add_argument(
+        "--mom2-update-weight",
+        type=_lambdas,
+        metavar="L[,L]",
+        help="λ of the solve, one or one per block; with --edit, re-solves the saved edit (seconds)",
+    )
+    _align_option(evaluate)
     _speed_options(evaluate)
     evaluate.set_defaults(run=_cmd_eval)
     tracing = commands.add_parser(

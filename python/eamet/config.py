@@ -46,9 +46,23 @@ from eamet.choices import (
 )
 from eamet.errors import ParameterError
 
-__all__ = ["METHODS", "PRESETS", "TEMPLATE_SEEDS", "EditConfig", "Method", "Preset"]
+__all__ = ["METHODS", "PRESETS", "SOLVE_SETTINGS", "TEMPLATE_SEEDS", "EditConfig", "Method", "Preset"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
+
+SOLVE_SETTINGS: tuple[str, ...] = (
+    "layers",
+    "mom2_update_weight",
+    "solver",
+    "mom2_dataset",
+    "mom2_n_samples",
+    "mom2_max_length",
+    "mom2_dtype",
+    "key_batch_size",
+)
+"""The settings of the solve Δ(λC + KKᵀ) = RKᵀ alone: changing them (``layers`` as long as the last one
+stays) leaves every residual as it is, so :meth:`Editor.resolve` can redo an edit without the residual
+step."""
 
 
 # algorithm.md §2: the reference's 12 seed words ("Because" twice, kept for fidelity).

@@ -14,31 +14,29 @@ there, or while the result is assembled, puts every edited matrix back bit for b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from eamet import __version__
 from eamet.arch import registered_layout
-from eamet.checkpoint import ResidualCheckpoint
-from eamet.config import EditConfig, Method
+from eamet.capacity import CapacityReport, capacity_of
+from eamet.config import SOLVE_SETTINGS, EditConfig, Method
 from eamet.covariance import Corpus, CovarianceCollector, model_fingerprint
 from eamet.diagnostics import MisalignmentReport, misalignment
-from eamet.errors import EametError, FactError, NonFiniteError, ParameterError
+from eamet.errors import EametError, EditMismatchError, FactError, NonFiniteError, ParameterError
 from eamet.facts import Fact, check_facts
 from eamet.keys import PromptSet, collect
 from eamet.loading import tokenizer_of
 from eamet.parts import ModelParts, WeightSnapshot, eval_mode, tensor_sha256
-from eamet.residuals import KeyNeighborhood, ResidualOptimizer, Residuals
+from eamet.residuals import FactStats, KeyNeighborhood, ResidualOptimizer
 from eamet.results import EditResult, WeightRecord
 from eamet.solve import LayerUpdate, apply_update, solve_device, solve_layer
+from eamet.store import KeyChain, ResidualStore, template_key
 from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
 
@@ -109,9 +107,11 @@ class Editor:
                 f"device {device} differs from the model's device {self.device}", argument="device"
             )
         self.corpus: Corpus = corpus if corpus is not None else config.mom2_dataset
+        self._corpus_given = corpus is not None
         self.cache_dir = cache_dir
-        # layer -> (fingerprint of the weights it was collected on, C): a reused Editor notices edits.
-        self._moments: dict[int, tuple[str, torch.Tensor]] = {}
+        # (layer, C's settings) -> (fingerprint of the weights it was collected on, C): a reused Editor
+        # notices edits, and a re-solve with other statistics settings gets its own C.
+        self._moments: dict[tuple[int, tuple[Any, ...]], tuple[str, torch.Tensor]] = {}
 
     def covariance(
         self, layers: Sequence[int] | None = None, *, progress: bool = True
@@ -120,44 +120,25 @@ class Editor:
         the edited layers, collected or loaded from the cache, and kept in memory for as long as the
         weights it depends on stay the same.
         """
-        layers = list(layers or self.config.layers)
-        prints = {layer: model_fingerprint(self.model, self.parts, layer) for layer in layers}
-        wanted = [layer for layer in layers if self._moments.get(layer, ("",))[0] != prints[layer]]
-        if wanted:
-            collector = CovarianceCollector(
-                self.model,
-                self.parts,
-                self.tokens,
-                corpus=self.corpus,
-                n_samples=self.config.mom2_n_samples,
-                max_length=self.config.mom2_max_length,
-                dtype=self.config.mom2_dtype,
-                cache_dir=self.cache_dir,
-                progress=progress,
-            )
-            for layer, acc in collector.moments(wanted).items():
-                moment = torch.from_numpy(acc.moment()).to(solve_device(self.device))
-                self._moments[layer] = (prints[layer], moment)
-        return {layer: self._moments[layer][1] for layer in layers}
+        return self._covariance(list(layers or self.config.layers), self.config, self.corpus, progress)
 
-    def edit(
-        self,
-        facts: Iterable[Fact | Mapping[str, Any]],
-        *,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        progress: bool = True,
-    ) -> EditResult:
-        """Edits ``facts`` into the model in place and returns the :class:`EditResult`.
+    def capacity(self, facts: Iterable[Fact | Mapping[str, Any]], *, progress: bool = True) -> CapacityReport:
+        """How much of each fact's residual the update of every edited block can realise, before any
+        residual is optimised (``eamet.capacity``): per block, each fact's leverage
+        h_i = k_iᵀ(λC + KᵀK)⁻¹k_i, tr(H) against N, and the top-M key cosines.
 
-        All-or-nothing: on any exception or ``KeyboardInterrupt`` the weights are exactly as before. With
-        ``checkpoint_dir``, each batch of residuals is saved as it is found, and a rerun with the same model,
-        facts and settings resumes after the last saved batch with the same result.
+        Costs what an edit costs before its residual step: the context templates, C (cached), and one
+        template-averaged key forward per fact and block, all on the unedited model; no weight changes.
+        During an edit, the keys of every block after the first are recomputed on the model as edited
+        up to the blocks before it, so the leverage the edit really has (``CapacityReport.of_result``,
+        ``LayerUpdate.leverage``) can differ slightly from this forecast for those blocks.
 
         Raises:
-            FactError: malformed, duplicated or conflicting facts (before any work), or a subject that
-                cannot be located in its prompt.
-            SolveError: the update's system is not positive definite.
+            FactError: malformed, duplicated or conflicting facts, a target with no tokens, or a subject
+                that cannot be located in its prompt (as :meth:`edit`).
+            SolveError: λC + KᵀK is not positive definite at a block's λ (the edit would fail too).
         """
+        cfg = self.config
         fact_list = check_facts(facts)
         for i, fact in enumerate(fact_list):
             try:
@@ -165,18 +146,94 @@ class Editor:
             except FactError as exc:
                 raise FactError(f"fact {i}: {exc}", row=i) from None
         with eval_mode(self.model, frozen=True):
-            return self._edit(fact_list, checkpoint_dir, progress)
+            prompts = PromptSet.build(self.tokens, fact_list, self._templates(), cfg.fact_token)
+            moments = self.covariance(progress=progress)
+            keys = {layer: self._keys(prompts, layer, progress)[0] for layer in cfg.layers}
+        lambdas = dict(zip(cfg.layers, cfg.mom2_update_weight, strict=True))
+        return capacity_of(keys, moments, lambdas, top_m=cfg.top_m, method=cfg.method)
 
-    def _edit(
-        self, facts: list[Fact], checkpoint_dir: str | os.PathLike[str] | None, progress: bool
+    def _covariance(
+        self, layers: list[int], config: EditConfig, corpus: Corpus, progress: bool
+    ) -> dict[int, torch.Tensor]:
+        """C of ``layers`` with ``config``'s statistics settings over ``corpus`` (memoised)."""
+        source = corpus if isinstance(corpus, str | os.PathLike) else id(corpus)
+        settings = (str(source), config.mom2_n_samples, config.mom2_max_length, config.mom2_dtype)
+        prints = {layer: model_fingerprint(self.model, self.parts, layer) for layer in layers}
+        wanted = [
+            layer for layer in layers if self._moments.get((layer, settings), ("",))[0] != prints[layer]
+        ]
+        if wanted:
+            collector = CovarianceCollector(
+                self.model,
+                self.parts,
+                self.tokens,
+                corpus=corpus,
+                n_samples=config.mom2_n_samples,
+                max_length=config.mom2_max_length,
+                dtype=config.mom2_dtype,
+                cache_dir=self.cache_dir,
+                progress=progress,
+            )
+            for layer, acc in collector.moments(wanted).items():
+                moment = torch.from_numpy(acc.moment()).to(solve_device(self.device))
+                self._moments[(layer, settings)] = (prints[layer], moment)
+        return {layer: self._moments[(layer, settings)][1] for layer in layers}
+
+    def edit(
+        self,
+        facts: Iterable[Fact | Mapping[str, Any]],
+        *,
+        residual_store: str | os.PathLike[str] | ResidualStore | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        progress: bool = True,
     ) -> EditResult:
-        cfg = self.config
-        # 1. facts and context templates (a resumed run keeps the templates it started with)
-        templates = self._templates()
-        checkpoint = None
+        """Edits ``facts`` into the model in place and returns the :class:`EditResult`.
+
+        All-or-nothing: on any exception or ``KeyboardInterrupt`` the weights are exactly as before.
+
+        With ``residual_store`` (a directory or a :class:`~eamet.store.ResidualStore`), every residual the
+        store holds for exactly these inputs is taken from it and every one computed is saved to it as
+        its batch finishes: a killed edit rerun resumes after its last saved batch, and a later edit with
+        another λ, solver, corpus or earlier blocks, or of a prefix of these facts, reuses the residuals
+        (docs/editing.md, "The residual store"). ``checkpoint_dir`` is its older name (deprecated).
+
+        Raises:
+            FactError: malformed, duplicated or conflicting facts (before any work), or a subject that
+                cannot be located in its prompt.
+            CacheError: the store is not a residual store, or cannot be written.
+            SolveError: the update's system is not positive definite.
+        """
         if checkpoint_dir is not None:
-            checkpoint = ResidualCheckpoint(Path(checkpoint_dir), self._fingerprint(facts), templates)
-            templates = checkpoint.templates
+            if residual_store is not None:
+                raise ParameterError(
+                    "give residual_store or checkpoint_dir (its older name), not both",
+                    argument="checkpoint_dir",
+                )
+            warnings.warn(
+                "checkpoint_dir is now residual_store (the same directory serves every later edit too)",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            residual_store = checkpoint_dir
+        fact_list = check_facts(facts)
+        for i, fact in enumerate(fact_list):
+            try:
+                self.tokens.target_ids(fact.target)
+            except FactError as exc:
+                raise FactError(f"fact {i}: {exc}", row=i) from None
+        store = residual_store
+        if store is not None and not isinstance(store, ResidualStore):
+            store = ResidualStore(store)  # before any work: a directory that cannot be a store fails here
+        with eval_mode(self.model, frozen=True):
+            return self._edit(fact_list, store, progress)
+
+    def _edit(self, facts: list[Fact], store: ResidualStore | None, progress: bool) -> EditResult:
+        cfg = self.config
+        model_print = model_fingerprint(self.model, self.parts)
+        # 1. facts and context templates (a store keeps the templates its first edit sampled)
+        templates = self._templates()
+        if store is not None:
+            templates = store.templates(self._template_key(model_print), templates)
         prompts = PromptSet.build(self.tokens, facts, templates, cfg.fact_token)
         # 2. covariance statistics of every edited layer
         moments = self.covariance(progress=progress)
@@ -186,26 +243,149 @@ class Editor:
         optimizer = ResidualOptimizer(
             self.model, self.parts, self.tokens, cfg, prompts, KeyNeighborhood.of(keys)
         )
-        residuals = optimizer.run(checkpoint, progress=progress)
+        chain = None
+        if store is not None:
+            base = self._residual_base(model_print, templates, optimizer.compute_dtype)
+            chain = KeyChain(base, facts, aligned=optimizer.align, batch_alignment=cfg.batch_alignment)
+        residuals = optimizer.run(store, chain, progress=progress)
         if not bool(torch.isfinite(residuals.targets).all()):
             raise NonFiniteError("the optimised residuals hold NaN or Inf; nothing was changed")
         report = self._report(keys, residuals.deltas)
         # 5. the update, layer by layer; the weights change only here
-        updates, records, snapshot = self._update(prompts, residuals, moments, progress)
+        return self._apply(
+            facts,
+            cfg,
+            templates,
+            prompts,
+            residuals.deltas,
+            residuals.targets,
+            residuals.stats,
+            report,
+            moments,
+            model_print,
+            progress,
+        )
+
+    def _apply(
+        self,
+        facts: list[Fact],
+        cfg: EditConfig,
+        templates: list[str],
+        prompts: PromptSet,
+        deltas: torch.Tensor,
+        targets: torch.Tensor,
+        stats: list[FactStats],
+        report: MisalignmentReport | None,
+        moments: dict[int, torch.Tensor],
+        model_print: str,
+        progress: bool,
+    ) -> EditResult:
+        """Solves and applies every layer's update for (N, d) ``targets`` z at l* and returns the applied
+        result (the weights are restored if anything here fails)."""
+        updates, records, snapshot = self._update(cfg, prompts, targets, moments, progress)
         with snapshot:  # a failure while the result is assembled puts the weights back too
             result = EditResult(
                 facts=facts,
                 config=cfg,
                 templates=templates,
                 updates=updates,
-                deltas=residuals.deltas.cpu(),
-                stats=residuals.stats,
+                deltas=deltas.cpu(),
+                stats=stats,
                 misalignment=report,
                 weights=records,
                 arch=self.parts.describe(),
                 tokens=self.tokens.describe(),
+                model_fingerprint=model_print,
             )
         return result._applied_with(snapshot)
+
+    def resolve(
+        self,
+        result: EditResult,
+        *,
+        corpus: Corpus | None = None,
+        progress: bool = True,
+        **changes: Any,
+    ) -> EditResult:
+        """The edit ``result`` made again with other settings of the solve, reusing its residuals: seconds
+        where the edit took minutes or hours. Edits the model in place and returns the new result.
+
+        ``changes`` are :class:`EditConfig` fields of the solve (:data:`SOLVE_SETTINGS`): λ per block
+        (``mom2_update_weight``), ``solver``, the statistics of C (``mom2_n_samples``, ``mom2_max_length``,
+        ``mom2_dtype``, ``mom2_dataset``), ``layers`` as long as the last block (where the residuals live)
+        stays the same, and ``key_batch_size``. C comes from ``corpus``, else the editor's own corpus if
+        it was given one, else the new settings' ``mom2_dataset``.
+
+        The model must be the unedited model ``result`` was made on (undo a live result first). The new
+        result equals a fresh :meth:`edit` of the same facts with the new settings up to float32 noise:
+        the keys and hidden states are recomputed on this model, the residuals are ``result``'s.
+
+        Raises:
+            ParameterError: a change that is not a setting of the solve, or another last block.
+            EditMismatchError: another model, or weights that are not those the edit was made on.
+            SolveError: the new system is not positive definite. The weights are then as before.
+        """
+        unknown = sorted(set(changes) - set(SOLVE_SETTINGS))
+        if unknown:
+            raise ParameterError(
+                f"re-solving changes only the solve ({', '.join(SOLVE_SETTINGS)}); {', '.join(unknown)} "
+                "would change the residuals: edit again (with a residual_store to reuse what still holds)",
+                argument=unknown[0],
+            )
+        old = result.config
+        if "layers" in changes and "mom2_update_weight" not in changes:
+            # Each block keeps its λ; a block the edit did not have takes the last block's.
+            lam = dict(zip(old.layers, old.mom2_update_weight, strict=True))
+            changes["mom2_update_weight"] = tuple(
+                lam.get(layer, old.mom2_update_weight[-1]) for layer in changes["layers"]
+            )
+        cfg = old.replace(**changes)
+        if cfg.layers[-1] != old.layers[-1]:
+            raise ParameterError(
+                f"layers {list(cfg.layers)} end at block {cfg.layers[-1]}, but the residuals live at block "
+                f"{old.layers[-1]}: a re-solve keeps the last edited block",
+                argument="layers",
+            )
+        self._check_unedited(result)
+        chosen = corpus if corpus is not None else self.corpus if self._corpus_given else cfg.mom2_dataset
+        with eval_mode(self.model, frozen=True):
+            prompts = PromptSet.build(self.tokens, result.facts, result.templates, cfg.fact_token)
+            moments = self._covariance(list(cfg.layers), cfg, chosen, progress)
+            hidden = collect(
+                self.model,
+                self.parts,
+                self.tokens,
+                prompts,
+                key_layer=None,
+                hidden_layer=cfg.layers[-1],
+                batch_size=cfg.key_batch_size,
+            )[1]
+            assert hidden is not None
+            deltas = result.deltas.to(hidden.device, torch.float32)
+            return self._apply(
+                list(result.facts),
+                cfg,
+                list(result.templates),
+                prompts,
+                result.deltas,
+                hidden + deltas,
+                [replace(s, reused=True) for s in result.stats],
+                result.misalignment,
+                moments,
+                result.model_fingerprint or model_fingerprint(self.model, self.parts),
+                progress,
+            )
+
+    def _check_unedited(self, result: EditResult) -> None:
+        """``EditMismatchError`` unless this editor's model is the unedited model ``result`` was made on:
+        its edited matrices (``EditResult.check_original``) and, where recorded, every weight."""
+        if result.applied:
+            raise EditMismatchError(
+                "this edit is applied to a model: undo it first (re-solving needs the unedited weights)"
+            )
+        result.check_original(self.parts)
+        if result.model_fingerprint and result.model_fingerprint != model_fingerprint(self.model, self.parts):
+            raise EditMismatchError("the model's weights differ from those the edit was made on")
 
     def _templates(self) -> list[str]:
         cfg = self.config
@@ -221,7 +401,12 @@ class Editor:
         )
 
     def _keys(
-        self, prompts: PromptSet, layer: int, progress: bool, hidden_layer: int | None = None
+        self,
+        prompts: PromptSet,
+        layer: int,
+        progress: bool,
+        hidden_layer: int | None = None,
+        config: EditConfig | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(N, d_ff) keys at ``layer`` and, if asked, (N, d) hidden states at ``hidden_layer``."""
         keys, hidden = collect(
@@ -231,27 +416,33 @@ class Editor:
             prompts,
             key_layer=layer,
             hidden_layer=hidden_layer,
-            batch_size=self.config.key_batch_size,
+            batch_size=(config or self.config).key_batch_size,
             progress=progress,
         )
         assert keys is not None
         return keys, hidden
 
     def _update(
-        self, prompts: PromptSet, residuals: Residuals, moments: dict[int, torch.Tensor], progress: bool
+        self,
+        cfg: EditConfig,
+        prompts: PromptSet,
+        targets: torch.Tensor,
+        moments: dict[int, torch.Tensor],
+        progress: bool,
     ) -> tuple[list[LayerUpdate], list[WeightRecord], WeightSnapshot]:
-        """Solves and applies every layer's update; returns them, the weights' records and the snapshot of
-        the weights from before (restored if anything here fails)."""
-        cfg, parts = self.config, self.parts
+        """Solves and applies every layer's update towards the (N, d) ``targets`` z at l*; returns the
+        updates, the weights' records and the snapshot of the weights from before (restored if anything
+        here fails)."""
+        parts = self.parts
         l_star, m = cfg.layers[-1], len(cfg.layers)
         records = [WeightRecord.of(parts, layer) for layer in cfg.layers]
         updates: list[LayerUpdate] = []
         with WeightSnapshot(parts, cfg.layers) as snapshot:
             for j, layer in enumerate(cfg.layers):
-                keys, hidden = self._keys(prompts, layer, progress, hidden_layer=l_star)
+                keys, hidden = self._keys(prompts, layer, progress, hidden_layer=l_star, config=cfg)
                 assert hidden is not None
                 # Each layer takes an equal share of the gap still left at l* (the last layer takes the rest).
-                shares = (residuals.targets - hidden) / (m - j)
+                shares = (targets - hidden) / (m - j)
                 solved = solve_layer(
                     moments[layer], keys, cfg.mom2_update_weight[j], solver=cfg.solver, layer=layer
                 )
@@ -289,16 +480,24 @@ class Editor:
             warnings.warn(f"no misalignment report: {exc}", stacklevel=3)
             return None
 
-    def _fingerprint(self, facts: list[Fact]) -> str:
-        digest = hashlib.sha256()
-        # Residuals depend on every weight (the NLL runs to the unembedding), the tokenizer, the settings
-        # and the algorithm's version.
-        digest.update(__version__.encode())
-        digest.update(model_fingerprint(self.model, self.parts).encode())
-        digest.update(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        digest.update(json.dumps([f.to_dict() for f in facts], sort_keys=True).encode())
-        digest.update(self.tokens.fingerprint().encode())
-        return digest.hexdigest()
+    def _residual_base(self, model_print: str, templates: list[str], compute_dtype: torch.dtype) -> str:
+        """The digest every residual-store key of this editor's edits starts from."""
+        return ResidualStore.base(
+            model_fingerprint=model_print,
+            tokenizer_fingerprint=self.tokens.fingerprint(),
+            tokens=self.tokens.describe(),
+            templates=templates,
+            config=self.config,
+            compute_dtype=compute_dtype,
+        )
+
+    def _template_key(self, model_print: str) -> str:
+        return template_key(
+            model_fingerprint=model_print,
+            tokenizer_fingerprint=self.tokens.fingerprint(),
+            tokens=self.tokens.describe(),
+            config=self.config,
+        )
 
 
 def _same_device(asked: torch.device, actual: torch.device) -> bool:

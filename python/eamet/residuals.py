@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -37,7 +37,7 @@ from eamet.residual_forward import CachedSuffixForward, FactBatch, FullForward, 
 from eamet.tokens import TokenAdapter
 
 if TYPE_CHECKING:
-    from eamet.checkpoint import ResidualCheckpoint
+    from eamet.store import KeyChain, ResidualStore
 
 __all__ = [
     "FactStats",
@@ -54,7 +54,7 @@ class FactStats:
     """What the optimisation of one fact did (the last evaluated iteration's loss terms).
 
     ``seconds`` is the fact's share of its batch's time (the batch's time / its number of facts), so the
-    seconds of all facts add up to the residual step's time.
+    seconds of the facts not ``reused`` add up to the residual step's time.
     """
 
     steps: int
@@ -69,8 +69,10 @@ class FactStats:
     h_norm: float
     key_norm: float
     seconds: float
+    reused: bool = False
+    """Taken from a residual store (``seconds`` is then the time it took when it was computed)."""
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, float | bool]:
         return asdict(self)
 
 
@@ -157,17 +159,21 @@ def resolve_z_dtype(z_dtype: str, device: torch.device) -> torch.dtype:
 # -- the optimiser ----------------------------------------------------------------------------------------
 
 
-def _from_checkpoint(
-    checkpoint: ResidualCheckpoint | None, facts: range
+def _from_store(
+    store: ResidualStore | None, keys: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor, list[FactStats]] | None:
-    """A batch's saved residuals, hidden states and stats, if the checkpoint holds all of its facts."""
-    if checkpoint is None:
+    """A batch's stored residuals, hidden states and stats (marked reused), if the store holds all of
+    its facts."""
+    if store is None:
         return None
-    found = [checkpoint.load(i) for i in facts]
-    saved = [f for f in found if f is not None]
-    if len(saved) < len(found):
-        return None
-    return torch.stack([f[0] for f in saved]), torch.stack([f[1] for f in saved]), [f[2] for f in saved]
+    found = []
+    for key in keys:
+        entry = store.get(key)
+        if entry is None:
+            return None
+        found.append(entry)
+    stats = [replace(e.stats, reused=True) for e in found]
+    return torch.stack([e.delta for e in found]), torch.stack([e.hidden for e in found]), stats
 
 
 @dataclass
@@ -226,9 +232,18 @@ class ResidualOptimizer:
 
     # -- all facts -------------------------------------------------------------------------------------
 
-    def run(self, checkpoint: ResidualCheckpoint | None = None, *, progress: bool = True) -> Residuals:
-        """Optimises every fact in batches of ``config.fact_batch``, saving each finished batch to
-        ``checkpoint`` (and reusing the batches it already holds)."""
+    def run(
+        self,
+        store: ResidualStore | None = None,
+        chain: KeyChain | None = None,
+        *,
+        progress: bool = True,
+    ) -> Residuals:
+        """Optimises every fact in batches of ``config.fact_batch``; with a ``store`` (and the ``chain``
+        of this edit's keys), a batch whose facts are all stored is taken from it, and every batch
+        computed is saved to it."""
+        if (store is None) != (chain is None):
+            raise ValueError("a residual store needs the key chain of the edit, and vice versa")
         n, d = len(self.prompts.facts), self.parts.hidden_dim(self.layer)
         deltas = torch.zeros((n, d), device=self.device)
         hidden = torch.zeros((n, d), device=self.device)
@@ -239,15 +254,18 @@ class ResidualOptimizer:
         ) as bar:
             for start in range(0, n, size):
                 facts = range(start, min(start + size, n))
-                found = _from_checkpoint(checkpoint, facts)
+                keys = chain.keys(facts) if chain is not None else []
+                found = _from_store(store, keys)
                 if found is not None:
                     batch_d, batch_h, batch_stats = found
                 else:
                     with torch.enable_grad():
                         batch_d, batch_h, batch_stats = self.optimize(facts, deltas[:start])
-                    if checkpoint is not None:
-                        for i, dv, hv, st in zip(facts, batch_d, batch_h, batch_stats, strict=True):
-                            checkpoint.save(i, dv, hv, st)
+                    if store is not None:
+                        for key, dv, hv, st in zip(keys, batch_d, batch_h, batch_stats, strict=True):
+                            store.put(key, dv, hv, st)
+                if chain is not None:
+                    chain.advance(facts, batch_d.float())
                 deltas[facts.start : facts.stop] = batch_d.to(self.device)
                 hidden[facts.start : facts.stop] = batch_h.to(self.device)
                 stats.extend(batch_stats)

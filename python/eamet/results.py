@@ -78,6 +78,7 @@ class EditResult:
         weights: per edited matrix, its path, shape, dtype and SHA-256 before/after.
         arch: the model type and module paths the edit was made on.
         tokens: the tokenisation behaviour the edit was made with (BOS prefix, probes).
+        model_fingerprint: SHA-256 of every weight of the unedited model (:meth:`Editor.resolve` checks it).
     """
 
     facts: list[Fact]
@@ -90,6 +91,7 @@ class EditResult:
     weights: list[WeightRecord]
     arch: dict[str, Any]
     tokens: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str = ""  # empty in files written before it was recorded
     # The pre-edit weights while this result is applied to a model; undo() puts them back.
     _snapshot: WeightSnapshot | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -131,22 +133,9 @@ class EditResult:
         if self._snapshot is not None:
             raise EditMismatchError("this edit is already applied; undo it first")
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type != self.arch["model_type"]:
-            raise EditMismatchError(
-                f"the edit was made on a {self.arch['model_type']!r} model, not {model_type!r}"
-            )
+        self._check_model_type(model_type)
         parts = ModelParts(model, ArchSpec(**self.arch["spec"]))
-        for record in self.weights:
-            if record.layer >= parts.num_layers:
-                raise EditMismatchError(f"the model has no layer {record.layer}")
-            weight = parts.rewrite_weight(record.layer)
-            if list(weight.shape) != record.shape or str(weight.dtype) != record.dtype:
-                raise EditMismatchError(
-                    f"{record.path}: the edit expects {record.shape} {record.dtype}, the model has "
-                    f"{list(weight.shape)} {weight.dtype}"
-                )
-            if tensor_sha256(weight) != record.original_sha256:
-                raise EditMismatchError(f"{record.path}: the weights differ from those the edit was made on")
+        self.check_original(parts)
         with WeightSnapshot(parts, [r.layer for r in self.weights]) as snapshot:
             for update in self.updates:
                 apply_update(parts.rewrite_weight(update.layer), update, parts.spec.weight_layout)
@@ -160,6 +149,29 @@ class EditResult:
                 break
         return self._applied_with(snapshot)
 
+    def check_original(self, parts: ModelParts) -> None:
+        """Raises ``EditMismatchError`` unless ``parts``' model is one this edit was made on, as it was
+        before the edit: same architecture, and every edited matrix of the same shape, dtype and SHA-256.
+        """
+        self._check_model_type(parts.model_type)
+        for record in self.weights:
+            if record.layer >= parts.num_layers:
+                raise EditMismatchError(f"the model has no layer {record.layer}")
+            weight = parts.rewrite_weight(record.layer)
+            if list(weight.shape) != record.shape or str(weight.dtype) != record.dtype:
+                raise EditMismatchError(
+                    f"{record.path}: the edit expects {record.shape} {record.dtype}, the model has "
+                    f"{list(weight.shape)} {weight.dtype}"
+                )
+            if tensor_sha256(weight) != record.original_sha256:
+                raise EditMismatchError(f"{record.path}: the weights differ from those the edit was made on")
+
+    def _check_model_type(self, model_type: str | None) -> None:
+        if model_type != self.arch["model_type"]:
+            raise EditMismatchError(
+                f"the edit was made on a {self.arch['model_type']!r} model, not {model_type!r}"
+            )
+
     # -- files -----------------------------------------------------------------------------------------
 
     def _tensors(self) -> dict[str, torch.Tensor]:
@@ -168,6 +180,7 @@ class EditResult:
             tensors[f"update.{update.layer}.residuals"] = update.residuals.contiguous()
             tensors[f"update.{update.layer}.solved_keys"] = update.solved_keys.contiguous()
             tensors[f"update.{update.layer}.fit_error"] = update.fit_error.contiguous()
+            tensors[f"update.{update.layer}.leverage"] = update.leverage.contiguous()
         if self.misalignment is not None:
             for f in fields(self.misalignment):
                 value = getattr(self.misalignment, f.name)
@@ -187,6 +200,7 @@ class EditResult:
             "eamet_version": __version__,
             "arch": self.arch,
             "tokens": self.tokens,
+            "model_fingerprint": self.model_fingerprint,
             "config": self.config.to_dict(),
             "facts": [f.to_dict() for f in self.facts],
             "templates": self.templates,
@@ -218,6 +232,7 @@ class EditResult:
                     tensors[f"update.{e['layer']}.residuals"],
                     tensors[f"update.{e['layer']}.solved_keys"],
                     tensors.get(f"update.{e['layer']}.fit_error", torch.zeros(0)),
+                    leverage=tensors.get(f"update.{e['layer']}.leverage", torch.zeros(0)),
                 )
                 for e in meta["layers"]
             ]
@@ -238,24 +253,29 @@ class EditResult:
                 weights=[WeightRecord(**w) for w in meta["weights"]],
                 arch=meta["arch"],
                 tokens=meta.get("tokens", {}),
+                model_fingerprint=meta.get("model_fingerprint", ""),
             )
         except (KeyError, TypeError, EametError) as exc:
             raise CacheError(f"{path}: incomplete or inconsistent edit file ({exc})", path=str(path)) from exc
 
     def summary(self) -> dict[str, Any]:
-        """Scalars for printing or JSON: sizes, mean loss terms, steps, seconds, each layer's median fit
-        error and the misalignment total.
+        """Scalars for printing or JSON: sizes, mean loss terms, steps, the seconds of the residuals computed
+        (not ``reused`` from a store or a re-solved edit) and how many were reused, each layer's median fit
+        error and mean leverage (``eamet.capacity``), and the misalignment total.
         """
         n = len(self.stats)
         mean = {k: sum(getattr(s, k) for s in self.stats) / n for k in ("loss", "nll", "steps", "delta_norm")}
         fit = {u.layer: float(u.fit_error.median()) for u in self.updates if u.fit_error.numel()}
+        leverage = {u.layer: float(u.leverage.double().mean()) for u in self.updates if u.leverage.numel()}
         return {
             "facts": len(self.facts),
             "method": self.config.method,
             "layers": list(self.config.layers),
-            "residual_seconds": sum(s.seconds for s in self.stats),
+            "residual_seconds": sum(s.seconds for s in self.stats if not s.reused),
+            "reused_residuals": sum(s.reused for s in self.stats),
             "mean": mean,
             "median_fit_error": fit,
+            "mean_leverage": leverage,
             "misalignment_total": None if self.misalignment is None else self.misalignment.total,
         }
 

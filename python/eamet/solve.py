@@ -26,6 +26,9 @@ class LayerUpdate:
         solved_keys: (N, d_ff) float32 CPU, U = K (λC + KKᵀ)⁻¹.
         fit_error: (N,) float32 CPU, ‖Δk_i − r_i‖ / ‖r_i‖ per fact: how far the solve is from giving each
             fact its residual at this layer (0 = exact; λC pulls it away). Empty if not computed.
+        leverage: (N,) float32 CPU, h_i = u_i·k_i = k_iᵀ(λC + KKᵀ)⁻¹k_i per fact: the share of a lone
+            residual this layer's update realises (``eamet.capacity``), from the stored factors. Empty if
+            not computed.
         keys: (N, d_ff) float32 CPU, the keys K the layer was solved for (on the model as edited up to
             the layers before this one); ``None`` for an update read from a file (not saved: they are
             recomputed from the model and the facts).
@@ -37,14 +40,18 @@ class LayerUpdate:
     solved_keys: torch.Tensor
     fit_error: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     keys: torch.Tensor | None = field(default=None, repr=False)
+    leverage: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
     def measure_fit(self, keys: torch.Tensor) -> None:
-        """Fills :attr:`fit_error` from this layer's (N, d_ff) keys."""
+        """Fills :attr:`fit_error` and :attr:`leverage` from this layer's (N, d_ff) keys."""
         delta = self.delta(solve_device(keys.device))
         r = self.residuals.to(delta.device, torch.float64)
-        moved = keys.to(delta.device, torch.float64) @ delta.T
+        k = keys.to(delta.device, torch.float64)
+        moved = k @ delta.T
         error = (moved - r).norm(dim=1) / r.norm(dim=1).clamp_min(1e-30)
         self.fit_error = error.float().cpu()
+        # From the float32 factors the edit applies: the leverage the weights really got.
+        self.leverage = (self.solved_keys.to(delta.device, torch.float64) * k).sum(dim=1).float().cpu()
 
     def delta(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Δ (d, d_ff) float64 on ``device``."""
