@@ -104,6 +104,37 @@ def test_edit_from_a_saved_edit_re_solves_it(
     assert "one finite λ >= 0 per layer" in capsys.readouterr().err
 
 
+def test_edit_says_which_facts_landed_and_strict_fails_on_a_miss(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "s.json"
+    starved = ("--method", "memit", "--mom2-update-weight", "1e9", "--json", str(out), "--strict")
+    assert main(_edit_args(model_dir, tmp_path, *starved)) == 3
+    captured = capsys.readouterr()
+    assert f"{len(FACTS)} facts: 0 landed, {len(FACTS)} did not: #0 'Alan Turing' → 'Paris'" in captured.out
+    assert "did not land (--strict)" in captured.err
+    per_fact = json.loads(out.read_text())["per_fact"]
+    assert [(f["index"], f["subject"], f["landed"]) for f in per_fact] == [
+        (i, s, False) for i, (s, _) in enumerate(FACTS)
+    ]
+    assert all(f["nll"] > 0 for f in per_fact)
+    assert (tmp_path / "edit.safetensors").exists()  # the edit is written all the same
+
+
+def test_an_unknown_model_fails_fast_offline_naming_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub here: never try the network
+    facts = _facts(tmp_path / "f.jsonl", FACTS[:1])
+    began = time.perf_counter()
+    assert main(["edit", "--model", "smollm3", "--facts", str(facts), "--out", str(tmp_path / "e")]) == 1
+    err = capsys.readouterr().err
+    assert "'smollm3' is not a local directory, not a model eamet knows (smollm2-135m" in err
+    assert len(err.strip().splitlines()) == 1 and time.perf_counter() - began < 30
+
+
 def test_edit_rejects_conflicting_facts_before_loading_the_model(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -116,7 +116,13 @@ def test_smollm2_preset_is_the_for_model_rule_with_memits_ball_for_both() -> Non
         assert (c.v_loss_layer, c.mom2_dataset) == (29, "model:1000")
     eamet_c = EditConfig.preset("smollm2-135m")
     assert (eamet_c.cs_factor, eamet_c.mse_factor, eamet_c.delta_init) == (2.0, 8.0, "target_init")
-    assert eamet_c.align_below_nll is None
+    # eamet's gate is on for EAMET (the reference loss stalls on this model); the reference loss is one
+    # switch away, and MEMIT (no alignment terms) has nothing to gate.
+    assert eamet_c.align_below_nll == 0.1
+    assert eamet_c.replace(align_below_nll=None) == EditConfig.for_method(
+        "eamet", **{k: v for k, v in PRESETS["smollm2-135m"].eamet.items() if k != "align_below_nll"}
+    )
+    assert EditConfig.preset("smollm2-135m", method="memit").align_below_nll is None
 
 
 @pytest.mark.parametrize("name", sorted(PRESET_TABLE))

@@ -67,3 +67,33 @@ def test_checked_dir_round_trip_and_damage(tmp_path: Path) -> None:
     # Rewriting replaces the damaged entry whole.
     write_checked_dir(entry, fill, "manifest.json")
     read_checked_dir(entry, "manifest.json")
+
+
+def test_a_full_disk_is_a_storage_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from eamet._files import atomic_save_tensors
+    from eamet.errors import StorageError
+
+    def no_space(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StorageError, match=r"file\.txt: cannot write \(No space left on device\)") as info:
+        atomic_write(tmp_path / "file.txt", no_space)
+    assert info.value.path == str(tmp_path / "file.txt") and isinstance(info.value, OSError)
+
+    # safetensors reports its own I/O failures as SafetensorError, not OSError.
+    def full(*_a: object, **_k: object) -> None:
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(StorageError, match=r"edit\.safetensors: cannot write .*No space left"):
+        atomic_save_tensors(tmp_path / "edit.safetensors", {"x": torch.zeros(2)}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

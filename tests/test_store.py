@@ -335,3 +335,37 @@ def test_a_failed_resolve_leaves_the_weights(
     with pytest.raises(SolveError, match="injected"):
         make_editor(model, tok, made.config, stats_dir).resolve(made, mom2_update_weight=3.0)
     assert changed(model, before) == set()
+
+
+# -- per-fact outcomes -------------------------------------------------------------------------------------
+
+
+def test_outcomes_say_which_facts_landed(tok: Any, stats_dir: Path, made: EditResult, tmp_path: Path) -> None:
+    from eamet.errors import NotLandedWarning
+    from eamet.evaluation import score_targets
+    from eamet.facts import fill
+    from eamet.tokens import TokenAdapter
+
+    assert len(made.outcomes) == 4
+    assert [o.residual_nll for o in made.outcomes] == [s.nll for s in made.stats]
+    # A λ this large leaves every residual unrealised: nothing lands, and one warning names the facts.
+    model = small_model("gpt2")
+    with pytest.warns(
+        NotLandedWarning, match=r"4 facts: 0 landed, 4 did not: #0 'Danielle Darrieux'"
+    ) as caught:
+        starved = make_editor(model, tok, made.config, stats_dir).resolve(made, mom2_update_weight=1e9)
+    assert len(caught) == 1
+    assert starved.not_landed() == [0, 1, 2, 3]
+    scores = score_targets(
+        model,
+        TokenAdapter(tok),
+        [fill(f.prompt, f.subject) for f in made.facts],
+        [f.target for f in made.facts],
+    )
+    assert [o.landed for o in starved.outcomes] == scores.strict.tolist()
+    assert [o.nll for o in starved.outcomes] == pytest.approx(scores.nll.tolist())
+    starved.undo()
+    assert starved.summary()["landed"] == 0
+    made.save(tmp_path / "e.safetensors")
+    assert EditResult.load(tmp_path / "e.safetensors").outcomes == made.outcomes
+    assert made.outcome_line(limit=1).startswith(f"4 facts: {4 - len(made.not_landed())} landed")

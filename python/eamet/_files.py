@@ -3,7 +3,8 @@
 Everything eamet caches or saves goes through here, so that a reader never sees a half-written file and a
 damaged entry is noticed before it is used:
 
-* :func:`atomic_write` writes a temporary sibling and renames it into place;
+* :func:`atomic_write` writes a temporary sibling and renames it into place (``StorageError`` naming
+  the file when it cannot: a full disk, no permission);
 * :func:`write_checked_dir` fills a staging directory, records the SHA-256 of every file in a manifest,
   and renames the directory into place; :func:`read_checked_dir` verifies every file before returning the
   manifest (``CacheError`` naming the first file that is missing or differs).
@@ -20,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eamet.errors import CacheError
+from eamet.errors import CacheError, StorageError
 
 if TYPE_CHECKING:
     import torch
@@ -64,11 +65,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
     the old file or the new one, never a partial one. The temporary file is removed on failure.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
         tmp.replace(target)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"{target}: cannot write ({exc.strerror or exc})", path=str(target)) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return target
@@ -79,10 +84,18 @@ def atomic_save_tensors(
 ) -> Path:
     """Writes ``tensors`` (moved to the CPU, made contiguous) and string ``metadata`` as one safetensors
     file, atomically."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(cpu, os.fspath(tmp), metadata=dict(metadata)))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(cpu, os.fspath(tmp), metadata=dict(metadata))
+        except SafetensorError as exc:  # its I/O failures (a full disk) are not OSErrors
+            raise StorageError(f"{path}: cannot write ({exc})", path=str(path)) from exc
+
+    return atomic_write(path, write)
 
 
 def write_checked_dir(

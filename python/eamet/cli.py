@@ -1,7 +1,7 @@
 """The ``eamet`` command line.
 
 Every command has ``--help``; failures print one line, ``eamet: error: ...``, to stderr and exit 1
-(2 for usage errors, as argparse does).
+(2 for usage errors, as argparse does; ``eamet edit --strict`` exits 3 when a fact did not land).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, get_args
@@ -20,7 +21,7 @@ from eamet import _core
 from eamet.choices import BosPolicy, PocketArch, ZDtype
 from eamet.config import METHODS
 from eamet.diagnostics import DEFAULT_TAU, DEFAULT_TOP_M, MisalignmentReport, kernel_threads, misalignment
-from eamet.errors import EametError
+from eamet.errors import EametError, NotLandedWarning
 from eamet.records import DATASET_KINDS
 
 __all__ = ["main"]
@@ -35,22 +36,31 @@ def _load_matrix(path: str) -> np.ndarray:
     return np.asarray(loaded)
 
 
+def _number(text: str, kind: type[int] | type[float]) -> Any:
+    # argparse would name the converter in its message ("invalid _positive_int value"): say what is wanted.
+    try:
+        return kind(text)
+    except ValueError:
+        wanted = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value: int = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value: int = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value: float = _number(text, float)
     if not (value > 0 and value != float("inf")):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -197,6 +207,10 @@ def _solve_changes(args: argparse.Namespace) -> dict[str, Any]:
     return {field: getattr(args, arg) for arg, field in names.items() if getattr(args, arg, None) is not None}
 
 
+def _misalignment_text(total: float | None) -> str:
+    return "— (fewer than 2 facts or a zero residual)" if total is None else f"{total:.4g}"
+
+
 def _refuse_with_an_edit(args: argparse.Namespace, names: Sequence[str], why: str) -> None:
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, False)]
     if given:
@@ -204,9 +218,14 @@ def _refuse_with_an_edit(args: argparse.Namespace, names: Sequence[str], why: st
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
-    from eamet.editor import Editor
+    with warnings.catch_warnings():
+        # The command prints which facts did not land itself (outcome_line), once.
+        warnings.simplefilter("ignore", NotLandedWarning)
+        return _edit_command(args)
+
+
+def _edit_command(args: argparse.Namespace) -> int:
     from eamet.loading import load_facts, load_model
-    from eamet.results import EditResult
 
     if args.source is not None:
         _refuse_with_an_edit(
@@ -215,8 +234,12 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             "would change the residuals; a re-solve (--from) keeps the edit's own (change only --layers, "
             "--corpus, --samples, --mom2-update-weight)",
         )
+        from eamet.results import EditResult
+
         source = EditResult.load(args.source)  # before the (slow) model load: a bad file fails fast
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        from eamet.editor import Editor
+
         editor = Editor(model, tokenizer, config=source.config, corpus=args.corpus, cache_dir=args.cache_dir)
         result = editor.resolve(source, progress=not args.no_progress, **_solve_changes(args))
         config = result.config
@@ -226,8 +249,10 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         )
     else:
         method = args.method or METHODS[0]
-        facts = load_facts(args.facts)  # before the (slow) model load: bad facts fail fast
+        facts = load_facts(args.facts)  # before torch and the (slow) model load: bad facts fail fast
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        from eamet.editor import Editor
+
         config = _edit_config(argparse.Namespace(**{**vars(args), "method": method}), model)
         editor = Editor(model, tokenizer, config=config, corpus=args.corpus, cache_dir=args.cache_dir)
         result = editor.edit(facts, residual_store=args.residual_store, progress=not args.no_progress)
@@ -237,14 +262,23 @@ def _cmd_edit(args: argparse.Namespace) -> int:
             f"edited {summary['facts']} facts with {config.method} at layers {list(config.layers)}: mean NLL "
             f"{summary['mean']['nll']:.4f}, residual step {summary['residual_seconds']:.1f} s"
             + (f" ({reused} residuals from the store)" if reused else "")
-            + f", misalignment total {summary['misalignment_total']}"
+            + f", misalignment total {_misalignment_text(summary['misalignment_total'])}"
         )
+    print(result.outcome_line())
     result.save(args.out)
     print(f"wrote {args.out}")
     if args.json:
-        payload = {"command": "edit", "out": str(args.out), **result.summary()}
+        per_fact = [
+            {"index": i, **fact.to_dict(), **outcome.to_dict()}
+            for i, (fact, outcome) in enumerate(zip(result.facts, result.outcomes, strict=True))
+        ]
+        payload = {"command": "edit", "out": str(args.out), **result.summary(), "per_fact": per_fact}
         Path(args.json).write_text(json.dumps(payload, indent=1))
         print(f"wrote {args.json}")
+    missed = result.not_landed()
+    if args.strict and missed:
+        print(f"eamet: {len(missed)} of {len(result.facts)} facts did not land (--strict)", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -449,7 +483,8 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     from eamet.tracing import trace
 
     # Before the (slow) model load: a bad file fails fast. With --known-only, --n counts known records.
-    cases = load_dataset(args.format, args.data, limit=None if args.known_only else args.n)
+    kind = args.format or ("jsonl" if str(args.data).endswith(".jsonl") else "counterfact")
+    cases = load_dataset(kind, args.data, limit=None if args.known_only else args.n)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.known_only:
         read = len(cases)
@@ -548,7 +583,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(edit)
     what = edit.add_mutually_exclusive_group(required=True)
-    what.add_argument("--facts", help="facts, one JSON record per line (or a .json list)")
+    what.add_argument(
+        "--facts",
+        help='facts, one JSON record per line (or a .json list): {"prompt": "The capital of {} is", '
+        '"subject": "France", "target": "Lyon"} (no leading space needed), or CounterFact/ROME/EasyEdit '
+        "records (docs/editing.md, 'Facts and their files')",
+    )
     what.add_argument(
         "--from",
         dest="source",
@@ -557,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
         "the same block, --corpus, --samples), reusing its residuals: seconds instead of the residual step",
     )
     edit.add_argument("--out", required=True, help="where to write the edit (.safetensors)")
+    edit.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 3 if any fact did not land (the edit is still written)",
+    )
     edit.add_argument("--method", choices=METHODS, help=f"(default {METHODS[0]})")
     choice = edit.add_mutually_exclusive_group()
     choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
@@ -743,7 +788,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_options(tracing)
     tracing.add_argument("--data", required=True, help="the dataset file (records need a true object)")
-    tracing.add_argument("--format", choices=("counterfact", "zsre", "jsonl"), required=True)
+    tracing.add_argument(
+        "--format",
+        choices=("counterfact", "zsre", "jsonl"),
+        help="the file's format (default: jsonl for a .jsonl file, else counterfact)",
+    )
     tracing.add_argument(
         "--n", type=_positive_int, help="trace the first N records (known records with --known-only)"
     )

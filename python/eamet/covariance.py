@@ -111,7 +111,10 @@ def _read_file(path: Path, limit: int) -> Iterable[str]:
 def _load_hf(corpus: str, n_samples: int) -> tuple[str, list[str]]:
     parts = corpus[3:].split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
-    how = "pass corpus= an iterable of strings or a .txt/.jsonl path (eamet stats --corpus PATH)"
+    how = (
+        "offline, pass corpus= 'model:<n>' (text the model samples itself, e.g. model:1000), a .txt/.jsonl "
+        "path or an iterable of strings (CLI: --corpus)"
+    )
     try:
         datasets: Any = importlib.import_module("datasets")  # optional: the `data` extra
     except ImportError:

@@ -28,13 +28,21 @@ from eamet.capacity import CapacityReport, capacity_of
 from eamet.config import SOLVE_SETTINGS, EditConfig, Method
 from eamet.covariance import Corpus, CovarianceCollector, model_fingerprint
 from eamet.diagnostics import MisalignmentReport, misalignment
-from eamet.errors import EametError, EditMismatchError, FactError, NonFiniteError, ParameterError
-from eamet.facts import Fact, check_facts
+from eamet.errors import (
+    EametError,
+    EditMismatchError,
+    FactError,
+    NonFiniteError,
+    NotLandedWarning,
+    ParameterError,
+)
+from eamet.evaluation import score_targets
+from eamet.facts import Fact, check_facts, fill
 from eamet.keys import PromptSet, collect
 from eamet.loading import tokenizer_of
 from eamet.parts import ModelParts, WeightSnapshot, eval_mode, tensor_sha256
 from eamet.residuals import FactStats, KeyNeighborhood, ResidualOptimizer
-from eamet.results import EditResult, WeightRecord
+from eamet.results import EditResult, FactOutcome, WeightRecord
 from eamet.solve import LayerUpdate, apply_update, solve_device, solve_layer
 from eamet.store import KeyChain, ResidualStore, template_key
 from eamet.templates import generate_templates
@@ -52,7 +60,8 @@ class Editor:
         tokenizer: its tokenizer (never modified); default: the one ``eamet.models.load`` returned with the
             model, else the tokenizer saved beside it (``config.name_or_path``); ``ParameterError`` if
             neither exists.
-        config: the settings; default :meth:`EditConfig.for_model` for ``method``.
+        config: the settings; default: the preset of a model eamet knows (``eamet.models.load``'s, corpus
+            for C included), else :meth:`EditConfig.for_model` for ``method`` (``eamet.models.config_for``).
         method: ``"eamet"`` or ``"memit"``; default: ``config.method``, else ``"eamet"``. Must agree with a
             given config (build it with ``EditConfig.preset(name, method=...)``).
         corpus: text for C = E[k kᵀ]; default ``config.mom2_dataset``; see
@@ -78,7 +87,9 @@ class Editor:
         cache_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if config is None:
-            config = EditConfig.for_model(model, method or "eamet")
+            from eamet.models import config_for  # a known model's preset, corpus included
+
+            config = config_for(model, method or "eamet")
         elif method is not None and method != config.method:
             raise ParameterError(
                 f"method={method!r} but the config is for {config.method!r}; use "
@@ -112,6 +123,7 @@ class Editor:
         # (layer, C's settings) -> (fingerprint of the weights it was collected on, C): a reused Editor
         # notices edits, and a re-solve with other statistics settings gets its own C.
         self._moments: dict[tuple[int, tuple[Any, ...]], tuple[str, torch.Tensor]] = {}
+        self._sampled_templates: dict[str, list[str]] = {}  # template key -> seeded templates
 
     def covariance(
         self, layers: Sequence[int] | None = None, *, progress: bool = True
@@ -139,12 +151,7 @@ class Editor:
             SolveError: λC + KᵀK is not positive definite at a block's λ (the edit would fail too).
         """
         cfg = self.config
-        fact_list = check_facts(facts)
-        for i, fact in enumerate(fact_list):
-            try:
-                self.tokens.target_ids(fact.target)
-            except FactError as exc:
-                raise FactError(f"fact {i}: {exc}", row=i) from None
+        fact_list = self._checked(facts)
         with eval_mode(self.model, frozen=True):
             prompts = PromptSet.build(self.tokens, fact_list, self._templates(), cfg.fact_token)
             moments = self.covariance(progress=progress)
@@ -215,25 +222,34 @@ class Editor:
                 stacklevel=2,
             )
             residual_store = checkpoint_dir
+        fact_list = self._checked(facts)
+        store = residual_store
+        if store is not None and not isinstance(store, ResidualStore):
+            store = ResidualStore(store)  # before any work: a directory that cannot be a store fails here
+        with eval_mode(self.model, frozen=True):
+            result = self._edit(fact_list, store, progress)
+        _warn_not_landed(result)
+        return result
+
+    def _checked(self, facts: Iterable[Fact | Mapping[str, Any]]) -> list[Fact]:
+        """``facts`` as :class:`Fact` s, checked (``FactError`` naming the first bad one), with targets
+        that tokenise."""
         fact_list = check_facts(facts)
         for i, fact in enumerate(fact_list):
             try:
                 self.tokens.target_ids(fact.target)
             except FactError as exc:
                 raise FactError(f"fact {i}: {exc}", row=i) from None
-        store = residual_store
-        if store is not None and not isinstance(store, ResidualStore):
-            store = ResidualStore(store)  # before any work: a directory that cannot be a store fails here
-        with eval_mode(self.model, frozen=True):
-            return self._edit(fact_list, store, progress)
+        return fact_list
 
     def _edit(self, facts: list[Fact], store: ResidualStore | None, progress: bool) -> EditResult:
         cfg = self.config
         model_print = model_fingerprint(self.model, self.parts)
         # 1. facts and context templates (a store keeps the templates its first edit sampled)
-        templates = self._templates()
-        if store is not None:
-            templates = store.templates(self._template_key(model_print), templates)
+        key = self._template_key(model_print)
+        templates = (
+            self._templates(key) if store is None else store.templates(key, lambda: self._templates(key))
+        )
         prompts = PromptSet.build(self.tokens, facts, templates, cfg.fact_token)
         # 2. covariance statistics of every edited layer
         moments = self.covariance(progress=progress)
@@ -284,6 +300,13 @@ class Editor:
         result (the weights are restored if anything here fails)."""
         updates, records, snapshot = self._update(cfg, prompts, targets, moments, progress)
         with snapshot:  # a failure while the result is assembled puts the weights back too
+            scores = score_targets(
+                self.model, self.tokens, [fill(f.prompt, f.subject) for f in facts], [f.target for f in facts]
+            )
+            outcomes = [
+                FactOutcome(landed=bool(landed), nll=float(nll), residual_nll=s.nll)
+                for landed, nll, s in zip(scores.strict, scores.nll, stats, strict=True)
+            ]
             result = EditResult(
                 facts=facts,
                 config=cfg,
@@ -296,6 +319,7 @@ class Editor:
                 arch=self.parts.describe(),
                 tokens=self.tokens.describe(),
                 model_fingerprint=model_print,
+                outcomes=outcomes,
             )
         return result._applied_with(snapshot)
 
@@ -362,7 +386,7 @@ class Editor:
             )[1]
             assert hidden is not None
             deltas = result.deltas.to(hidden.device, torch.float32)
-            return self._apply(
+            resolved = self._apply(
                 list(result.facts),
                 cfg,
                 list(result.templates),
@@ -375,6 +399,8 @@ class Editor:
                 result.model_fingerprint or model_fingerprint(self.model, self.parts),
                 progress,
             )
+        _warn_not_landed(resolved)
+        return resolved
 
     def _check_unedited(self, result: EditResult) -> None:
         """``EditMismatchError`` unless this editor's model is the unedited model ``result`` was made on:
@@ -387,9 +413,16 @@ class Editor:
         if result.model_fingerprint and result.model_fingerprint != model_fingerprint(self.model, self.parts):
             raise EditMismatchError("the model's weights differ from those the edit was made on")
 
-    def _templates(self) -> list[str]:
+    def _templates(self, key: str | None = None) -> list[str]:
+        """The context templates, sampled once per model and sampler settings (``key``, default: the
+        model as it is now) by this editor: a grid of edits with one editor samples them once (seeded,
+        they are the same every time)."""
+        if key is None:
+            key = self._template_key(model_fingerprint(self.model, self.parts))
+        if key in self._sampled_templates:
+            return list(self._sampled_templates[key])
         cfg = self.config
-        return generate_templates(
+        templates = generate_templates(
             self.model,
             self.tokens,
             cfg.template_seeds,
@@ -399,6 +432,9 @@ class Editor:
             top_p=cfg.template_top_p,
             seed=cfg.seed,
         )
+        if cfg.seed is not None:  # unseeded sampling is new every edit, as the reference's
+            self._sampled_templates[key] = templates
+        return list(templates)
 
     def _keys(
         self,
@@ -498,6 +534,12 @@ class Editor:
             tokens=self.tokens.describe(),
             config=self.config,
         )
+
+
+def _warn_not_landed(result: EditResult) -> None:
+    """One warning naming the facts of ``result`` that did not land (none if every one did)."""
+    if result.not_landed():
+        warnings.warn(result.outcome_line(), NotLandedWarning, stacklevel=3)
 
 
 def _same_device(asked: torch.device, actual: torch.device) -> bool:

@@ -21,9 +21,11 @@ __all__ = [
     "FactError",
     "MissingDependencyError",
     "NonFiniteError",
+    "NotLandedWarning",
     "ParameterError",
     "ShapeError",
     "SolveError",
+    "StorageError",
     "UnsupportedArchitectureError",
     "ZeroNormError",
 ]
@@ -120,3 +122,13 @@ class SolveError(EametError, ArithmeticError):
     """The update's linear system λC + KKᵀ is not positive definite (λ = 0 with fewer facts than key
     dimensions, or a degenerate covariance); ``argument`` names the layer setting to raise.
     """
+
+
+class StorageError(EametError, OSError):
+    """A file eamet writes (an edit, statistics, a store entry) could not be written — full disk, no
+    permission; ``path`` names it. Nothing partial is left behind: files are written atomically."""
+
+
+class NotLandedWarning(UserWarning):
+    """An edit finished, but some of its facts did not land: after the update the model does not give
+    their target greedily at the bare prompt (``EditResult.outcomes`` says which)."""

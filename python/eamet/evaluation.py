@@ -583,7 +583,7 @@ def known_cases(
         if true is None or not true.strip():
             raise FactError(
                 f"record {row} (case {case.case_id}): has no true object, so whether the model knows it is "
-                "undefined (zsRE records have none)",
+                "undefined (a JSONL fact needs a target_true field; zsRE records have none)",
                 row=row,
             )
     tokens = tokenizer if isinstance(tokenizer, TokenAdapter) else TokenAdapter(tokenizer)

@@ -31,7 +31,7 @@ from eamet.parts import ModelParts, WeightSnapshot, tensor_sha256
 from eamet.residuals import FactStats
 from eamet.solve import LayerUpdate, apply_update
 
-__all__ = ["FILE_FORMAT", "EditResult", "WeightRecord"]
+__all__ = ["FILE_FORMAT", "EditResult", "FactOutcome", "WeightRecord"]
 
 FILE_FORMAT = 2
 """2: a SHA-256 of every tensor and of the metadata (verified on load); 1: none (still read)."""
@@ -63,6 +63,28 @@ class WeightRecord:
         )
 
 
+@dataclass(frozen=True)
+class FactOutcome:
+    """Whether one fact's edit landed, checked on the edited model at the fact's bare prompt.
+
+    Attributes:
+        landed: every token of the target is the greedy (arg-max) continuation of the bare prompt
+            (strict efficacy of this one prompt).
+        nll: the target's mean per-token negative log-likelihood there, after the edit.
+        residual_nll: the residual step's final NLL (δ added at l*, over the context templates): what
+            the update was asked to realise. A low ``residual_nll`` with a high ``nll`` is a fact the
+            solve could not realise (λ, crowded keys: ``Editor.capacity``); a high ``residual_nll`` is a
+            residual that never made the edit.
+    """
+
+    landed: bool
+    nll: float
+    residual_nll: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"landed": self.landed, "nll": self.nll, "residual_nll": self.residual_nll}
+
+
 @dataclass
 class EditResult:
     """The outcome of :meth:`Editor.edit`: what was changed, how, and how to take it back.
@@ -79,6 +101,8 @@ class EditResult:
         arch: the model type and module paths the edit was made on.
         tokens: the tokenisation behaviour the edit was made with (BOS prefix, probes).
         model_fingerprint: SHA-256 of every weight of the unedited model (:meth:`Editor.resolve` checks it).
+        outcomes: per fact, whether it landed (:class:`FactOutcome`; :meth:`not_landed`,
+            :meth:`outcome_line`).
     """
 
     facts: list[Fact]
@@ -92,8 +116,31 @@ class EditResult:
     arch: dict[str, Any]
     tokens: dict[str, Any] = field(default_factory=dict)
     model_fingerprint: str = ""  # empty in files written before it was recorded
+    outcomes: list[FactOutcome] = field(default_factory=list)  # empty in files written before them
     # The pre-edit weights while this result is applied to a model; undo() puts them back.
     _snapshot: WeightSnapshot | None = field(default=None, init=False, repr=False, compare=False)
+
+    def not_landed(self) -> list[int]:
+        """The indices of the facts whose edit did not land (empty if every one did, or if the result
+        holds no outcomes)."""
+        return [i for i, outcome in enumerate(self.outcomes) if not outcome.landed]
+
+    def outcome_line(self, limit: int = 5) -> str:
+        """One line: ``"3 facts: 2 landed, 1 did not: #2 'The Eiffel Tower' → 'London' (NLL 8.97)"``,
+        naming at most ``limit`` of the facts that did not land."""
+        if not self.outcomes:
+            return f"{len(self.facts)} facts (no outcomes recorded)"
+        missed = self.not_landed()
+        line = f"{len(self.facts)} facts: {len(self.facts) - len(missed)} landed"
+        if not missed:
+            return line
+        named = ", ".join(
+            f"#{i} {self.facts[i].subject.strip()!r} → {self.facts[i].target.strip()!r} "
+            f"(NLL {self.outcomes[i].nll:.2f})"
+            for i in missed[:limit]
+        )
+        more = f" and {len(missed) - limit} more" if len(missed) > limit else ""
+        return f"{line}, {len(missed)} did not: {named}{more}"
 
     @property
     def applied(self) -> bool:
@@ -201,6 +248,7 @@ class EditResult:
             "arch": self.arch,
             "tokens": self.tokens,
             "model_fingerprint": self.model_fingerprint,
+            "outcomes": [o.to_dict() for o in self.outcomes],
             "config": self.config.to_dict(),
             "facts": [f.to_dict() for f in self.facts],
             "templates": self.templates,
@@ -254,14 +302,15 @@ class EditResult:
                 arch=meta["arch"],
                 tokens=meta.get("tokens", {}),
                 model_fingerprint=meta.get("model_fingerprint", ""),
+                outcomes=[FactOutcome(**o) for o in meta.get("outcomes", [])],
             )
         except (KeyError, TypeError, EametError) as exc:
             raise CacheError(f"{path}: incomplete or inconsistent edit file ({exc})", path=str(path)) from exc
 
     def summary(self) -> dict[str, Any]:
         """Scalars for printing or JSON: sizes, mean loss terms, steps, the seconds of the residuals computed
-        (not ``reused`` from a store or a re-solved edit) and how many were reused, each layer's median fit
-        error and mean leverage (``eamet.capacity``), and the misalignment total.
+        (not ``reused`` from a store or a re-solved edit) and how many were reused, how many facts landed,
+        each layer's median fit error and mean leverage (``eamet.capacity``), and the misalignment total.
         """
         n = len(self.stats)
         mean = {k: sum(getattr(s, k) for s in self.stats) / n for k in ("loss", "nll", "steps", "delta_norm")}
@@ -273,6 +322,7 @@ class EditResult:
             "layers": list(self.config.layers),
             "residual_seconds": sum(s.seconds for s in self.stats if not s.reused),
             "reused_residuals": sum(s.reused for s in self.stats),
+            "landed": None if not self.outcomes else len(self.facts) - len(self.not_landed()),
             "mean": mean,
             "median_fit_error": fit,
             "mean_leverage": leverage,

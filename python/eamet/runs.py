@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from eamet.choices import Method
-from eamet.config import METHODS, PRESETS, EditConfig
+from eamet.config import METHODS, EditConfig
 from eamet.errors import ParameterError
 from eamet.metrics import RATE_KEYS
 
@@ -351,24 +351,18 @@ def _real_demo(
 
 
 def model_config(name: str, model: Any, method: Method = "eamet") -> EditConfig:
-    """The settings eamet edits a model with: the preset of a model eamet knows by ``name`` (e.g.
-    ``smollm2-135m``, see :data:`eamet.config.PRESETS`), else :meth:`EditConfig.for_model` of ``model``."""
-    known = _known_model(name)
-    if known is not None and known.name in PRESETS:
-        return EditConfig.preset(known.name, method)
-    return EditConfig.for_model(model, method)
+    """The settings eamet edits a model with (:func:`eamet.models.config_for`: a known model's preset —
+    by ``name`` or recognised — else :meth:`EditConfig.for_model`)."""
+    from eamet.models import config_for
+
+    return config_for(model, method, name=name)
 
 
 def _known_model(name: str) -> Any:
     """The :class:`eamet.models.KnownModel` called ``name``, or ``None`` for a path or hub id."""
-    from eamet import models
+    from eamet.models import known_by_name
 
-    if Path(name).exists():
-        return None
-    try:
-        return models.resolve(name)
-    except ParameterError:
-        return None
+    return known_by_name(name)
 
 
 def _cell(value: Any, form: str = "{:.3f}") -> str:

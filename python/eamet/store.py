@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,10 +270,10 @@ class ResidualStore:
 
     # -- templates -------------------------------------------------------------------------------------
 
-    def templates(self, key: str, sampled: list[str]) -> list[str]:
+    def templates(self, key: str, sample: Callable[[], list[str]]) -> list[str]:
         """The templates stored under ``key`` (a digest of the model, tokenizer and sampler), else
-        ``sampled``, which are stored there. Seeded samplers give the same templates either way; an
-        unseeded one gives every edit through this store the templates of the first."""
+        ``sample()``'s, which are stored there. Seeded samplers give the same templates either way (and
+        none is sampled again); an unseeded one gives every edit through this store the first one's."""
         path = self.root / "templates" / f"{key}.json"
         if path.exists():
             try:
@@ -283,6 +283,7 @@ class ResidualStore:
             except (OSError, json.JSONDecodeError):
                 pass
             warnings.warn(f"{path}: damaged templates entry, replacing it", stacklevel=3)
+        sampled = sample()
         self._write(path, json.dumps(sampled, ensure_ascii=False))
         return sampled
 

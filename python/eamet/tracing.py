@@ -312,7 +312,11 @@ def _prepare(tokens: TokenAdapter, case: EditCase, row: int) -> _Prompt:
     fact = case.rewrite
     where = f"record {row} (case {case.case_id})"
     if fact.target_true is None or not fact.target_true.strip():
-        raise FactError(f"{where}: has no true object to trace (zsRE records have none)", row=row)
+        raise FactError(
+            f"{where}: has no true object to trace (a JSONL fact needs a target_true field; zsRE records "
+            "have none)",
+            row=row,
+        )
     try:
         encoded = tokens.prompt(fact.prompt, fact.subject, "subject_last")
         first = tokens.fact_index(fact.prompt, fact.subject, "subject_first")

@@ -9,6 +9,18 @@ Importing this package imports neither torch nor transformers; :func:`load` does
 """
 
 from eamet.models.catalog import KnownModel, find_gguf, known_facts, known_models, resolve
-from eamet.models.loader import load, tokenizer_for
+from eamet.models.loader import known_model_of, load, tokenizer_for
+from eamet.models.presets import config_for, known_by_name
 
-__all__ = ["KnownModel", "find_gguf", "known_facts", "known_models", "load", "resolve", "tokenizer_for"]
+__all__ = [
+    "KnownModel",
+    "config_for",
+    "find_gguf",
+    "known_by_name",
+    "known_facts",
+    "known_model_of",
+    "known_models",
+    "load",
+    "resolve",
+    "tokenizer_for",
+]

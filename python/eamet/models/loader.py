@@ -12,10 +12,12 @@ from eamet.loading import DTYPES
 from eamet.models.cache import MANIFEST, check_entry, convert, entry_dir, source_record
 from eamet.models.catalog import KnownModel, find_gguf, resolve
 
-__all__ = ["load", "tokenizer_for"]
+__all__ = ["known_model_of", "load", "tokenizer_for"]
 
-# model -> its tokenizer, for code handed only the model (the Editor). Weak, so it keeps nothing alive.
+# model -> its tokenizer and its KnownModel, for code handed only the model (the Editor). Weak, so they
+# keep nothing alive.
 _TOKENIZERS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_KNOWN_AS: weakref.WeakKeyDictionary[Any, KnownModel] = weakref.WeakKeyDictionary()
 
 
 def load(
@@ -72,6 +74,7 @@ def load(
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(entry)
     _TOKENIZERS[model] = tokenizer
+    _KNOWN_AS[model] = known
     return model, tokenizer
 
 
@@ -96,4 +99,23 @@ def tokenizer_for(model: Any) -> Any | None:
     try:
         return _TOKENIZERS.get(model)
     except TypeError:  # not hashable or not weakly referenceable: never one of ours
+        return None
+
+
+def known_model_of(model: Any) -> KnownModel | None:
+    """The known model ``model`` is: one :func:`load` returned, or one loaded with ``from_pretrained``
+    from a cache entry of :func:`load` (its ``config.name_or_path`` holds the entry's manifest); ``None``
+    for any other model."""
+    try:
+        known = _KNOWN_AS.get(model)
+    except TypeError:  # not hashable or not weakly referenceable: never one of ours
+        return None
+    if known is not None:
+        return known
+    source = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+    if not source or not (Path(source) / MANIFEST).is_file():
+        return None
+    try:
+        return resolve(Path(source).name)
+    except ParameterError:
         return None
