@@ -106,6 +106,11 @@ def main() -> None:
     parser.add_argument("--corpus", default="model:1000", help="model:<n>, cases, or a .txt/.jsonl file")
     parser.add_argument("--eval-cases", type=int, default=256, help="evaluate at most this many edited cases")
     parser.add_argument("--fluency", action="store_true", help="also measure fluency (slow)")
+    parser.add_argument(
+        "--residual-store",
+        metavar="DIR",
+        help="take the residuals found in this store (eamet.store), compute and add the rest",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="the model's weights' dtype")
     parser.add_argument("--threads", type=int, default=2)
@@ -161,7 +166,9 @@ def main() -> None:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             began = time.perf_counter()
-            result = editor.edit([c.rewrite for c in edited], progress=False)
+            result = editor.edit(
+                [c.rewrite for c in edited], residual_store=args.residual_store, progress=False
+            )
             try:
                 extra = edit_record(result, time.perf_counter() - began, config)
                 for length, pre in prefixes.items():
@@ -290,6 +297,9 @@ def edit_record(result: Any, seconds: float, config: EditConfig) -> dict[str, An
         "mean_topm_mse": sum(s.topm_mse for s in stats) / n,
         "mean_steps": sum(s.steps for s in stats) / n,
         "mean_delta_over_radius": sum(s.delta_norm / s.radius for s in stats) / n,
+        "reused_residuals": sum(s.reused for s in stats),
+        "mean_leverage": result.summary().get("mean_leverage"),  # the capacity report's prediction
+        "landed": sum(o.landed for o in result.outcomes) / n if result.outcomes else None,
         "config": config.to_dict(),
     }
 

@@ -74,6 +74,26 @@ def test_edit_layers_and_seed_options_reach_the_config(model_dir: Path, tmp_path
     assert config.layers == (1,) and config.seed == 7 and len(config.mom2_update_weight) == 1
 
 
+def test_edit_align_below_nll_sets_or_turns_off_the_gate(model_dir: Path, tmp_path: Path) -> None:
+    from eamet.config import EditConfig
+
+    gated = tmp_path / "gated.json"
+    gated.write_text(
+        EditConfig.for_method("eamet", layers=(1,), mom2_update_weight=(50.0,))
+        .replace(align_below_nll=0.5, v_num_grad_steps=2)
+        .to_json(),
+        encoding="utf-8",
+    )
+    for option, expected in (("0.25", 0.25), ("off", None)):
+        argv = _edit_args(model_dir, tmp_path, "--config", str(gated), "--align-below-nll", option)
+        assert main(argv) == 0
+        assert EditResult.load(tmp_path / "edit.safetensors").config.align_below_nll == expected
+    assert main(_edit_args(model_dir, tmp_path, "--config", str(gated))) == 0
+    assert EditResult.load(tmp_path / "edit.safetensors").config.align_below_nll == 0.5
+    with pytest.raises(SystemExit):
+        main(_edit_args(model_dir, tmp_path, "--align-below-nll", "0"))
+
+
 def test_edit_from_a_saved_edit_re_solves_it(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

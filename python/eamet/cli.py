@@ -66,6 +66,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _gate_threshold(text: str) -> float | str:
+    # "off" stays a string here: _edit_config turns it into None (the reference loss).
+    return "off" if text.strip().lower() in ("off", "none") else _positive_float(text)
+
+
 def _format_report(report: MisalignmentReport, worst: int, widths: tuple[int, int]) -> str:
     support = "j < i (progressive)" if report.progressive else "j != i"
     q = report.quantiles()
@@ -161,7 +166,8 @@ def _edit_config(args: argparse.Namespace, model: Any) -> Any:
     if getattr(args, "mom2_update_weight", None) is not None:
         changes["mom2_update_weight"] = args.mom2_update_weight  # one λ, or one per block
     if getattr(args, "align_below_nll", None) is not None:
-        changes["align_below_nll"] = args.align_below_nll
+        gate = args.align_below_nll
+        changes["align_below_nll"] = None if gate == "off" else gate
     if args.seed is not None:
         changes["seed"] = args.seed
     changes.update(_speed_changes(args))
@@ -181,10 +187,11 @@ def _speed_changes(args: argparse.Namespace) -> dict[str, Any]:
 def _align_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--align-below-nll",
-        type=_positive_float,
-        metavar="T",
+        type=_gate_threshold,
+        metavar="T|off",
         help="EAMET: count the alignment terms for a fact only while its NLL is below T (eamet's own "
-        "extension, docs/editing.md; default: from the config)",
+        "extension, docs/editing.md); 'off' is the paper's loss (default: from the config; the "
+        "smollm2-135m preset gates at 0.1)",
     )
 
 
