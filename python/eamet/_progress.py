@@ -6,11 +6,20 @@ Rust core's ``(done, total)`` callback.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["progress_bar", "progress_callback"]
+__all__ = ["progress_bar", "progress_callback", "progress_note"]
+
+
+def progress_note(text: str, enabled: bool = True) -> None:
+    """One line of context printed above the bars (stderr, through tqdm so a running bar is not torn)."""
+    if enabled:
+        from tqdm.auto import tqdm
+
+        tqdm.write(text, file=sys.stderr)
 
 
 @contextmanager
@@ -47,7 +56,7 @@ def progress_callback(
 class _NoBar:
     """What :func:`progress_bar` yields when disabled: the calls a bar takes, doing nothing."""
 
-    def update(self, n: int = 1) -> None:
+    def update(self, n: float = 1) -> None:
         pass
 
     def set_postfix(self, *args: Any, **kwargs: Any) -> None:
@@ -56,16 +65,22 @@ class _NoBar:
 
 @contextmanager
 def progress_bar(
-    *, total: int | None, desc: str, unit: str, enabled: bool = True, leave: bool = True
+    *,
+    total: int | None,
+    desc: str,
+    unit: str,
+    enabled: bool = True,
+    leave: bool = True,
+    bar_format: str | None = None,
 ) -> Iterator[Any]:
     """A tqdm bar over ``total`` units (``update(n)``, ``set_postfix(...)``), closed on exit; a do-nothing
-    stand-in when ``enabled`` is false."""
+    stand-in when ``enabled`` is false. ``bar_format``: tqdm's, for bars fed fractional updates."""
     if not enabled:
         yield _NoBar()
         return
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit=unit, leave=leave)
+    bar = tqdm(total=total, desc=desc, unit=unit, leave=leave, bar_format=bar_format)
     try:
         yield bar
     finally:

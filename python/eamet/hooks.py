@@ -8,6 +8,7 @@ model's work.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "StopForward",
     "add_to_output",
     "by_position",
+    "cache_keyword",
     "hidden_of",
     "record_inputs",
     "record_outputs",
@@ -102,6 +104,12 @@ def add_to_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]
         yield
     finally:
         handle.remove()
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword of ``model.forward`` that takes a KV cache: ``"cache"`` (transformers ≥ 5.x, where
+    ``past_key_values`` is deprecated) or ``"past_key_values"``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def run_until(model: nn.Module, stop_after: nn.Module, **inputs: Any) -> None:

@@ -12,7 +12,6 @@ Two ways to run it, with the same results (tests/test_residual_step.py):
 
 from __future__ import annotations
 
-import inspect
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,15 @@ from torch import nn
 from eamet.batching import pad_right
 from eamet.config import EditConfig
 from eamet.facts import SUBJECT_SLOT, fill
-from eamet.hooks import add_to_output, hidden_of, record_outputs, replace_forward, run_until, with_hidden
+from eamet.hooks import (
+    add_to_output,
+    cache_keyword,
+    hidden_of,
+    record_outputs,
+    replace_forward,
+    run_until,
+    with_hidden,
+)
 from eamet.keys import PromptSet
 from eamet.parts import ModelParts
 from eamet.tokens import TokenAdapter
@@ -331,8 +338,7 @@ class CachedSuffixForward(_Forward):
 
     def __init__(self, model: nn.Module, parts: ModelParts, layer: int, score_layer: int) -> None:
         super().__init__(model, parts, layer, score_layer)
-        names = inspect.signature(model.forward).parameters
-        self._cache_argument = "cache" if "cache" in names else "past_key_values"
+        self._cache_argument = cache_keyword(model)
 
     @torch.no_grad()
     def prepare(self, batch: FactBatch, dtype: torch.dtype) -> _Prefix:
