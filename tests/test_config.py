@@ -113,7 +113,7 @@ def test_smollm2_preset_is_the_for_model_rule_with_memits_ball_for_both() -> Non
         assert c.layers == rule.layers == (3, 4)
         assert c.mom2_update_weight == rule.mom2_update_weight
         assert (c.clamp, c.clamp_factor) == ("hidden_norm", 0.75)
-        assert (c.v_loss_layer, c.mom2_dataset) == (29, "model:1000")
+        assert (c.v_loss_layer, c.mom2_dataset) == (29, "model:200")
     eamet_c = EditConfig.preset("smollm2-135m")
     assert (eamet_c.cs_factor, eamet_c.mse_factor, eamet_c.delta_init) == (2.0, 8.0, "target_init")
     # eamet's gate is on for EAMET (the reference loss stalls on this model); the reference loss is one

@@ -112,7 +112,7 @@ def _load_hf(corpus: str, n_samples: int) -> tuple[str, list[str]]:
     parts = corpus[3:].split(":")
     name, config = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None)
     how = (
-        "offline, pass corpus= 'model:<n>' (text the model samples itself, e.g. model:1000), a .txt/.jsonl "
+        "offline, pass corpus= 'model:<n>' (text the model samples itself, e.g. model:200), a .txt/.jsonl "
         "path or an iterable of strings (CLI: --corpus)"
     )
     try:

@@ -26,7 +26,7 @@ def known_by_name(name: str) -> KnownModel | None:
 def config_for(model: Any, method: Method = "eamet", *, name: str | None = None) -> EditConfig:
     """The settings for editing ``model`` with ``method``: the preset of a model eamet knows — named
     ``name`` (the CLI's ``--model``), or recognised by :func:`eamet.models.known_model_of` — corpus for C
-    included (e.g. ``smollm2-135m``: ``model:1000``, no hub), else :meth:`EditConfig.for_model`."""
+    included (e.g. ``smollm2-135m``: ``model:200``, no hub), else :meth:`EditConfig.for_model`."""
     known = known_by_name(name) if name is not None else None
     known = known or known_model_of(model)
     if known is not None and known.name in PRESETS:
