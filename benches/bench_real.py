@@ -46,7 +46,7 @@ from eamet.editor import Editor
 from eamet.evaluation import evaluate, evaluation_prefixes, known_cases
 from eamet.metrics import RATE_KEYS
 from eamet.records import cases_sharing_subjects, cases_texts
-from eamet.runs import model_config
+from eamet.runs import CASES_CORPUS_DOCUMENTS, model_config
 from eamet.tokens import TokenAdapter
 from sweeps import check_idle, format_row, header, merged, plot
 
@@ -159,7 +159,10 @@ def main() -> None:
         for length, pre in prefixes.items():
             record(measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before"))
         for name, method, overrides in variants:
-            config = base_config(model, method).replace(**{**overrides, **args.set})
+            config = base_config(model, method)
+            if args.corpus == "cases":  # short texts: read as many as the demo does (runs.py)
+                config = config.replace(mom2_n_samples=CASES_CORPUS_DOCUMENTS)
+            config = config.replace(**{**overrides, **args.set})
             editor = Editor(model, tokenizer, config=config, corpus=corpus)
             editor.covariance(progress=False)  # shared by the variants: collected outside the timing
             reset_peak_rss()

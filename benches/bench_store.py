@@ -31,7 +31,7 @@ import torch
 from eamet._files import atomic_write
 from eamet.config import METHODS
 from eamet.editor import Editor
-from eamet.runs import model_config
+from eamet.runs import CASES_CORPUS_DOCUMENTS, model_config
 from sweeps import check_idle
 
 
@@ -59,13 +59,14 @@ def setup(name: str, method: str) -> tuple[Any, Any, list[Any], Any, Any]:
 
     model, tokenizer = load_model(name)
     cases = eamet.models.known_facts(name)
-    # C from the texts of the cases never edited here (the demo's choice: free, no sampling).
+    # C from the texts of the cases never edited here (the demo's choice: free, no sampling), as many
+    # of them as the demo reads.
     return (
         model,
         tokenizer,
         [c.rewrite for c in cases],
         cases_texts(cases[256:]),
-        model_config(name, model, method),
+        model_config(name, model, method).replace(mom2_n_samples=CASES_CORPUS_DOCUMENTS),
     )
 
 

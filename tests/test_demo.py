@@ -11,9 +11,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from eamet import runs  # noqa: E402
 from eamet.cli import main  # noqa: E402
 from eamet.errors import FactError  # noqa: E402
-from eamet.records import cases_texts  # noqa: E402
+from eamet.records import cases_texts, load_dataset  # noqa: E402
 from eamet.runs import RATE_KEYS  # noqa: E402
 from eamet.sandbox import World, pocket  # noqa: E402
 from eamet.sandbox.pocket import PocketSettings, train_pocket  # noqa: E402
@@ -241,6 +242,29 @@ def test_demo_on_a_real_model_takes_c_from_the_cases_not_edited(
     argv = ["demo", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--edits", "4"]
     assert main([*argv, "--methods", "memit", "--quick", "--no-progress"]) == 1
     assert "C from the cases not edited needs more than 4 cases" in capsys.readouterr().err
+
+
+def test_the_cases_corpus_reads_enough_texts_whatever_the_preset_samples(
+    small: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """C from the cases reads up to CASES_CORPUS_DOCUMENTS of their short texts, not the preset's number of
+    sampled documents (SmolLM2's 200 would be too few sentences for a full-rank C); an override wins."""
+    seen: list[Any] = []
+
+    def run_edits(model: Any, tokenizer: Any, cases: Any, *, config_for: Any, corpus: Any, **_: Any) -> Any:
+        seen.append((config_for(model, "memit"), corpus))
+        return {}
+
+    monkeypatch.setattr(runs, "run_edits", run_edits)
+    root = small["root"]
+    demo = {"model": str(root / "model"), "data": str(root / "cases.jsonl"), "edits": 2, "progress": False}
+    runs.run_demo(**demo, methods=["memit"], log=lambda line: None)
+    runs.run_demo(**demo, methods=["memit"], log=lambda line: None, overrides={"mom2_n_samples": 7})
+    runs.run_demo(**demo, methods=["memit"], log=lambda line: None, corpus=str(root / "corpus.txt"))
+    cases = load_dataset("jsonl", root / "cases.jsonl")
+    assert [config.mom2_n_samples for config, _ in seen[:2]] == [runs.CASES_CORPUS_DOCUMENTS, 7]
+    assert seen[0][1] == cases_texts(cases[2:])
+    assert seen[2][0].mom2_n_samples != runs.CASES_CORPUS_DOCUMENTS  # another corpus: the preset's
 
 
 def test_case_texts_are_every_sentence_of_a_case() -> None:

@@ -42,7 +42,11 @@ REAL_MODEL_EDITS = 32
 REAL_MODEL_CORPUS = "cases"
 """C of a real model in the demo when no corpus is given: the texts of the cases not edited
 (:meth:`EditCase.texts`). Measured as good as ``model:1000`` on SmolLM2 (docs/benchmarks.md) and free,
-where sampling 1000 documents takes 15-25 minutes on 2 CPU cores."""
+where sampling takes minutes."""
+CASES_CORPUS_DOCUMENTS = 1000
+"""How many of those texts C reads (``mom2_n_samples``), whatever the preset's sampled corpus takes: case
+sentences are short (~10 tokens), and SmolLM2's d_ff = 1536 key dimensions need ~10k tokens to be of
+full rank (200, the preset's number of sampled documents, leaves λC + KKᵀ singular)."""
 
 
 # Applies one edit to the model and returns it (applied, so it can be undone) with the seconds it took
@@ -331,8 +335,11 @@ def _real_demo(
     log(f"{name} ready in {time.perf_counter() - start:.1f} s")
     log(f"cases: {source}, {len(cases)} in all; C from {used_corpus}")
 
+    changes = {"mom2_n_samples": CASES_CORPUS_DOCUMENTS} if used_corpus == "cases" else {}
+    changes.update(overrides or {})
+
     def config_for(m: Any, method: str) -> Any:
-        return model_config(name, m, method).replace(**(overrides or {}))  # type: ignore[arg-type]
+        return model_config(name, m, method).replace(**changes)  # type: ignore[arg-type]
 
     return run_edits(
         model,
