@@ -97,3 +97,18 @@ def test_a_full_disk_is_a_storage_error_naming_the_file(
     with pytest.raises(StorageError, match=r"edit\.safetensors: cannot write .*No space left"):
         atomic_save_tensors(tmp_path / "edit.safetensors", {"x": torch.zeros(2)}, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_building_a_checked_dir_is_a_storage_error(tmp_path: Path) -> None:
+    import errno
+
+    from eamet.errors import StorageError
+
+    def no_space(staging: Path) -> dict[str, str]:
+        (staging / "texts.jsonl").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(StorageError, match=r"entry: cannot write \(No space left on device\)") as info:
+        write_checked_dir(tmp_path / "entry", no_space, "manifest.json")
+    assert info.value.path == str(tmp_path / "entry")
+    assert list(tmp_path.iterdir()) == []  # no entry, no staging folder

@@ -106,11 +106,15 @@ def write_checked_dir(
     file) is written as ``manifest_name``, and the staging directory is renamed into place.
 
     There is never a moment without an entry: an old entry is renamed aside, the new one renamed in, the
-    old one removed. If another process put an entry in place meanwhile, that one is kept.
+    old one removed. If another process put an entry in place meanwhile, that one is kept. A write that
+    fails (a full disk) is a ``StorageError`` naming ``directory``, and leaves no staging folder behind.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise StorageError(f"{target}: cannot write ({exc.strerror or exc})", path=str(target)) from exc
     try:
         fields = dict(fill(staging))
         fields["files"] = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}
@@ -125,6 +129,10 @@ def write_checked_dir(
             if not target.exists():
                 raise
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        if isinstance(exc, StorageError):
+            raise
+        raise StorageError(f"{target}: cannot write ({exc.strerror or exc})", path=str(target)) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
