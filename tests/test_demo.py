@@ -201,12 +201,16 @@ def test_a_failure_during_evaluation_leaves_the_model_unedited(
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_demo_on_a_real_model_directory(small: dict[str, Any], tmp_path: Path) -> None:
+def test_demo_on_a_real_model_directory(
+    small: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """``eamet demo --model DIR --data FILE``: the same before/after run on any model and data file."""
     root, out = small["root"], tmp_path / "demo.json"
     argv = ["demo", "--model", str(root / "model"), "--data", str(root / "cases.jsonl"), "--edits", "3"]
     argv += ["--methods", "memit", "--corpus", str(root / "corpus.txt"), "--quick", "--no-progress"]
     assert main([*argv, "--json", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "memit: 3 facts: " in said.out and "NotLandedWarning" not in said.err  # one line, no warning
     run = json.loads(out.read_text())
     assert run["config"]["model"] == str(root / "model") and run["config"]["edits"] == 3
     assert run["config"]["corpus"] == str(root / "corpus.txt")

@@ -211,6 +211,26 @@ def test_templates_are_seeded_and_shaped(lm: tuple[nn.Module, TokenAdapter]) -> 
             assert len(template) > len(word) + len(". {}")  # something was sampled
 
 
+class _NoCache(nn.Module):
+    """The same model behind a forward that takes no KV cache: templates take the uncached loop."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return self.model(input_ids=input_ids)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_templates_with_the_kv_cache_are_those_without(family: str) -> None:
+    model = tiny_model(family, vocab_size=256, n_layer=2, hidden=32, ffn=64).eval()
+    tokens = TokenAdapter(bpe_tokenizer(False))
+    for seed in (0, 1, 2):
+        cached = generate_templates(model, tokens, SEEDS, length=12, seed=seed)
+        assert cached == generate_templates(_NoCache(model), tokens, SEEDS, length=12, seed=seed)
+
+
 def test_templates_leave_the_global_rng_alone(lm: tuple[nn.Module, TokenAdapter]) -> None:
     model, tokens = lm
     torch.manual_seed(1234)

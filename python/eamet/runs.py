@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from eamet.choices import Method
 from eamet.config import METHODS, EditConfig
-from eamet.errors import ParameterError
+from eamet.errors import NotLandedWarning, ParameterError
 from eamet.metrics import RATE_KEYS
 
 __all__ = [
@@ -164,8 +165,12 @@ def run_edits(
             # cache: collect it outside the timing to compare the methods' own work.
             editor.covariance(progress=progress)
             start = time.perf_counter()
-            result = editor.edit([case.rewrite for case in cases], progress=progress)
-            return result, time.perf_counter() - start
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotLandedWarning)  # said below, in the run's own words
+                result = editor.edit([case.rewrite for case in cases], progress=progress)
+            seconds = time.perf_counter() - start
+            log(f"{method}: {result.outcome_line()}")
+            return result, seconds
 
         return apply
 
