@@ -199,7 +199,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
         texts = world_corpus(world)
         return model, tokenizer, list(world.cases), lambda _n: texts, edit_config
     from eamet.loading import load_model
-    from eamet.records import load_dataset
+    from eamet.records import dataset_kind, load_dataset
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.data is None:
@@ -207,7 +207,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
 
         cases = eamet.models.known_facts(args.model)  # the shipped cases a known model knows
     else:
-        cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
+        cases = load_dataset(dataset_kind(args.data), args.data)
 
     if args.sharing_subjects is not None:
         # A subject asked the same way twice (CounterFact has a few) is one fact: keep its first case, or

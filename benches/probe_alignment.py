@@ -78,13 +78,13 @@ def main() -> None:
     variants = args.variant or [variant(v) for v in DEFAULT_VARIANTS]
 
     from eamet.loading import load_model
-    from eamet.records import cases_texts, load_dataset
+    from eamet.records import cases_texts, dataset_kind, load_dataset
 
     model, tokenizer = load_model(args.model)
     if args.data is None:
         cases = eamet.models.known_facts(args.model)
     else:
-        cases = load_dataset("jsonl" if args.data.endswith(".jsonl") else "counterfact", args.data)
+        cases = load_dataset(dataset_kind(args.data), args.data)
     edited = cases[: args.edits]
     corpus: Any = cases_texts(cases[args.edits :]) if args.corpus == "cases" else args.corpus
     out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "variants": {}}

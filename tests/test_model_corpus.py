@@ -183,3 +183,18 @@ def test_sampling_says_what_why_and_where_before_its_bar(
     assert "3/3 docs" in err  # the bar reached every document
     model_corpus.sample_texts(model, tokens, 3, model_fingerprint="x", root=tmp_path, progress=True)
     assert capsys.readouterr().err == "" and counted == [3]  # cached: nothing sampled, nothing said
+
+
+def test_a_model_without_a_kv_cache_is_a_corpus_error(tmp_path: Path) -> None:
+    class NoCache(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_model("llama", vocab_size=256)
+
+        def forward(self, input_ids: torch.Tensor) -> Any:
+            return self.model(input_ids=input_ids)
+
+    tokens = TokenAdapter(bpe_tokenizer(add_bos=False, vocab_size=256))
+    with pytest.raises(CorpusError, match="KV cache"):
+        model_corpus.sample_texts(NoCache(), tokens, 2, model_fingerprint="x", root=tmp_path, progress=False)
+    assert list(tmp_path.iterdir()) == [] or all(not any(p.iterdir()) for p in tmp_path.iterdir())

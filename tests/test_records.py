@@ -16,6 +16,7 @@ from eamet.records import (
     case_from_record,
     cases_sharing_subjects,
     counterfact_case,
+    dataset_kind,
     load_dataset,
     zsre_case,
 )
@@ -279,3 +280,8 @@ def test_cases_sharing_subjects() -> None:
     assert cases_sharing_subjects(cases, 4) == []
     with pytest.raises(ParameterError, match="per_subject"):
         cases_sharing_subjects(cases, 0)
+
+
+def test_the_kind_of_a_dataset_file_without_one_given() -> None:
+    assert dataset_kind("facts.jsonl") == dataset_kind(Path("a/b.jsonl")) == "jsonl"
+    assert dataset_kind("counterfact.json") == dataset_kind("data.jsonl.bak") == "counterfact"

@@ -486,11 +486,11 @@ def _kinds(text: str) -> tuple[str, ...]:
 def _cmd_trace(args: argparse.Namespace) -> int:
     from eamet.evaluation import known_cases
     from eamet.loading import load_model
-    from eamet.records import load_dataset
+    from eamet.records import dataset_kind, load_dataset
     from eamet.tracing import trace
 
     # Before the (slow) model load: a bad file fails fast. With --known-only, --n counts known records.
-    kind = args.format or ("jsonl" if str(args.data).endswith(".jsonl") else "counterfact")
+    kind = args.format or dataset_kind(args.data)
     cases = load_dataset(kind, args.data, limit=None if args.known_only else args.n)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.known_only:

@@ -550,8 +550,8 @@ PRESETS: dict[str, Preset] = {
     "phi-1.5": _row("microsoft/phi-1_5", 23, "never", 1548, None, 0.0, 2000),
     # eamet's own (docs/benchmarks.md, "A real model"): blocks 3-4 and λ from for_model's rule, which
     # causal tracing supports; C from 200 documents the model writes itself (no download; 1000 until
-    # 2026-12, docs/benchmarks.md "Sampling model:<n> faster"). Both methods
-    # get MEMIT's ball, 0.75‖h‖: the edits need ‖δ‖ ≈ 0.75‖h‖ here, and EAMET's 2‖k‖ is 0.12‖h‖. EAMET's
+    # 2026-12, docs/benchmarks.md "Sampling model:<n> faster"). Both methods get MEMIT's ball, 0.75‖h‖:
+    # the edits need ‖δ‖ ≈ 0.75‖h‖ here, and EAMET's 2‖k‖ is 0.12‖h‖. EAMET's
     # alignment counts only once a fact's NLL is below 0.1 (align_below_nll, eamet's extension): as the
     # paper specifies it, the alignment stalls the residual step on this model (0.22 strict efficacy on
     # 32 known facts against 1.00 with the gate). The reference loss: .replace(align_below_nll=None).

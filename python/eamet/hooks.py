@@ -106,10 +106,12 @@ def add_to_output(block: nn.Module, edit: Callable[[torch.Tensor], torch.Tensor]
         handle.remove()
 
 
-def cache_keyword(model: nn.Module) -> str:
+def cache_keyword(model: nn.Module) -> str | None:
     """The keyword of ``model.forward`` that takes a KV cache: ``"cache"`` (transformers ≥ 5.x, where
-    ``past_key_values`` is deprecated) or ``"past_key_values"``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ``past_key_values`` is deprecated), ``"past_key_values"``, or ``None`` for a forward that takes
+    neither."""
+    names = inspect.signature(model.forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in names), None)
 
 
 def run_until(model: nn.Module, stop_after: nn.Module, **inputs: Any) -> None:

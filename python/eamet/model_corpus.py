@@ -200,11 +200,14 @@ def _continue(
     :data:`DOCUMENT_TOKENS`: the loop stops early once every row has sampled EOS (texts end there)."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    needs = "corpus 'model:<n>' needs a causal LM that fills transformers' KV cache"
     keyword = cache_keyword(model)
+    if keyword is None:
+        raise CorpusError(needs)
+    cache = DynamicCache()
     out = model(input_ids=openings, use_cache=True, **{keyword: cache})
     if cache.get_seq_length() != openings.shape[1]:
-        raise CorpusError("corpus 'model:<n>' needs a causal LM that fills transformers' KV cache")
+        raise CorpusError(needs)
     sampled: list[torch.Tensor] = []
     ended = torch.zeros(openings.shape[0], dtype=torch.bool, device=openings.device)
     for step in range(DOCUMENT_TOKENS):

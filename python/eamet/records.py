@@ -34,6 +34,7 @@ __all__ = [
     "cases_sharing_subjects",
     "cases_texts",
     "counterfact_case",
+    "dataset_kind",
     "load_dataset",
     "zsre_case",
 ]
@@ -240,6 +241,12 @@ def case_from_record(record: Mapping[str, Any], row: int) -> EditCase:
 
 
 # -- files ----------------------------------------------------------------------------------------------
+
+
+def dataset_kind(path: str | Path) -> str:
+    """The kind :func:`load_dataset` reads ``path`` as when none is given: ``"jsonl"`` for a ``.jsonl``
+    file, else ``"counterfact"`` (a zsRE file must be named)."""
+    return "jsonl" if str(path).endswith(".jsonl") else "counterfact"
 
 
 def load_dataset(kind: str, path: str | Path, *, limit: int | None = None) -> list[EditCase]:

@@ -338,7 +338,8 @@ class CachedSuffixForward(_Forward):
 
     def __init__(self, model: nn.Module, parts: ModelParts, layer: int, score_layer: int) -> None:
         super().__init__(model, parts, layer, score_layer)
-        self._cache_argument = cache_keyword(model)
+        # A forward without either keyword fails its first-batch check and falls back to SuffixForward.
+        self._cache_argument = cache_keyword(model) or "past_key_values"
 
     @torch.no_grad()
     def prepare(self, batch: FactBatch, dtype: torch.dtype) -> _Prefix:

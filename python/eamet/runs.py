@@ -309,9 +309,10 @@ def _real_demo(
     overrides: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from eamet.loading import load_model
-    from eamet.records import cases_texts, load_dataset
+    from eamet.models import known_by_name
+    from eamet.records import cases_texts, dataset_kind, load_dataset
 
-    known = _known_model(name)
+    known = known_by_name(name)
     if data is None and (known is None or known.known_facts is None):
         raise ParameterError(
             f"--data COUNTERFACT.json is needed for {name} (cases ship only for models eamet knows)",
@@ -319,8 +320,7 @@ def _real_demo(
         )
     # Cases, edit count and corpus are checked before the (slow) model load.
     if data is not None:
-        kind = "jsonl" if str(data).endswith(".jsonl") else "counterfact"
-        cases = load_dataset(kind, data, limit=records)
+        cases = load_dataset(dataset_kind(data), data, limit=records)
         source = str(data)
     else:
         from eamet.models import known_facts
@@ -368,13 +368,6 @@ def model_config(name: str, model: Any, method: Method = "eamet") -> EditConfig:
     from eamet.models import config_for
 
     return config_for(model, method, name=name)
-
-
-def _known_model(name: str) -> Any:
-    """The :class:`eamet.models.KnownModel` called ``name``, or ``None`` for a path or hub id."""
-    from eamet.models import known_by_name
-
-    return known_by_name(name)
 
 
 def _cell(value: Any, form: str = "{:.3f}") -> str:

@@ -10,7 +10,6 @@ runs the whole text again at every step where it does not.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -71,11 +70,12 @@ def generate_templates(
 def _next_logits(model: nn.Module, ids: list[int], device: torch.device) -> Callable[[], torch.Tensor]:
     """A function giving the logits after ``ids`` (``[V]``, float32 on the CPU) each time it is called;
     the caller appends the sampled token to ``ids`` in between. With a KV cache each call runs one token."""
-    if not any(name in inspect.signature(model.forward).parameters for name in ("cache", "past_key_values")):
+    keyword = cache_keyword(model)
+    if keyword is None:
         return lambda: model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().cpu()
     from transformers import DynamicCache
 
-    cache, keyword = DynamicCache(), cache_keyword(model)
+    cache = DynamicCache()
     seen = 0  # tokens of ``ids`` already in the cache
 
     def step() -> torch.Tensor:
