@@ -10,8 +10,11 @@ Three parts, on a model eamet knows (SmolLM2-135M by default), on an idle machin
    edit waits.
 3. **C against n.** C at the preset's blocks from the first n of those documents (``mom2_n_samples``),
    for each ``--prefixes`` n: its relative Frobenius distance to the C of all of them and the tokens it
-   saw. Whether the edits get worse with a smaller n is measured with ``eamet eval --edit ... --samples n``
-   (docs/benchmarks.md gives the commands), which re-solves one edit with each C in seconds.
+   saw. Whether the edits get worse with a smaller n is measured by ``bench_real.py`` with one variant
+   per ``mom2_n_samples`` and the residuals from a store (docs/benchmarks.md gives the command).
+
+``--templates-only`` instead times the preset's context templates (what every new ``Editor`` samples)
+with the model's KV cache and without, and checks that the texts are the same.
 
     python benches/bench_model_corpus.py --model smollm2 --documents 1000 --prefixes 125,250,500 \
         --json docs/model_corpus_smollm2.json
@@ -34,6 +37,7 @@ from eamet import model_corpus
 from eamet._files import atomic_write
 from eamet.covariance import CovarianceCollector, default_cache_dir, model_fingerprint
 from eamet.parts import ModelParts
+from eamet.templates import generate_templates
 from eamet.tokens import TokenAdapter
 from sweeps import check_idle
 
@@ -71,6 +75,37 @@ def new_sampler_seconds(model: Any, tokens: TokenAdapter, batch: int) -> float:
     return time.perf_counter() - began
 
 
+class _NoCache(torch.nn.Module):
+    """The model behind a forward that takes no KV cache: the templates' uncached loop."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        return self.model(input_ids=input_ids)
+
+
+def template_seconds(model: Any, tokens: TokenAdapter, config: Any) -> dict[str, Any]:
+    """The preset's context templates sampled with the KV cache and without: seconds, and whether the
+    texts are the same."""
+    settings = {
+        "length": config.template_length,
+        "temperature": config.template_temperature,
+        "top_k": config.template_top_k,
+        "top_p": config.template_top_p,
+        "seed": config.seed,
+    }
+    out: dict[str, Any] = {}
+    texts = []
+    for name, runner in (("cached", model), ("uncached", _NoCache(model))):
+        began = time.perf_counter()
+        texts.append(generate_templates(runner, tokens, config.template_seeds, **settings))
+        out[f"{name}_s"] = time.perf_counter() - began
+    out["templates"], out["same"] = len(texts[0]), texts[0] == texts[1]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -80,6 +115,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=ints, default=[64, 128, 256], help="sampler batches timed")
     parser.add_argument("--old-batch", type=int, default=64, help="batch of the model.generate baseline")
     parser.add_argument("--skip-probes", action="store_true", help="skip part 1 (the sampler per batch)")
+    parser.add_argument(
+        "--templates-only",
+        action="store_true",
+        help="time only the preset's context templates, with the KV cache and without",
+    )
     parser.add_argument(
         "--batch",
         type=int,
@@ -106,6 +146,15 @@ def main() -> None:
         "load_average": load,
         "document_tokens": model_corpus.DOCUMENT_TOKENS,
     }
+
+    if args.templates_only:
+        timed = out["templates"] = template_seconds(model, tokens, config)
+        print(
+            f"{timed['templates']} context templates: {timed['cached_s']:.1f} s with the KV cache, "
+            f"{timed['uncached_s']:.1f} s without; the same texts: {timed['same']}"
+        )
+        finish(out, args.json)
+        return
 
     out["sampler"] = []
     if not args.skip_probes:
@@ -163,16 +212,21 @@ def main() -> None:
                 print(f"C from {n:>5} documents, block {layer}: {row['tokens']} tokens, "
                       f"‖C_n − C_{whole}‖/‖C_{whole}‖ = {distance:.4f}", flush=True)  # fmt: skip
 
+    finish(out, args.json)
+
+
+def finish(out: dict[str, Any], json_path: str | None) -> None:
+    """Prints the command and machine, and writes ``out`` (with the command) to ``json_path``."""
     command = "python " + " ".join(sys.argv)
     out["command"] = command
     print(f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    if args.json:
+    if json_path:
         text = json.dumps(out, indent=1) + "\n"
 
         def write(tmp: Path) -> None:
             tmp.write_text(text, encoding="utf-8")
 
-        atomic_write(Path(args.json), write)
+        atomic_write(Path(json_path), write)
 
 
 if __name__ == "__main__":
