@@ -73,10 +73,10 @@ def worker(
     settings = {"mom2_n_samples": len(corpus), "clamp_factor": 4.0, "norm_penalty": "none", **overrides}
     config = eamet.EditConfig.for_model(model, method, **settings)
     # Time the solves (one per edited layer) by wrapping the function the editor calls.
-    import eamet.editor
+    import eamet.edit.editor
 
     solve_times: list[float] = []
-    solve_layer = eamet.editor.solve_layer
+    solve_layer = eamet.edit.editor.solve_layer
 
     def timed_solve(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
@@ -84,7 +84,7 @@ def worker(
         solve_times.append(time.perf_counter() - start)
         return out
 
-    eamet.editor.solve_layer = timed_solve
+    eamet.edit.editor.solve_layer = timed_solve
     with tempfile.TemporaryDirectory() as cache:
         editor = eamet.Editor(model, tokenizer, config=config, corpus=corpus, cache_dir=cache)
         times: dict[str, float] = {}

@@ -5,7 +5,7 @@ Three parts, on a model eamet knows (SmolLM2-135M by default), on an idle machin
 1. **Sampler.** Documents per second of eamet's batched sampler (KV cache, nucleus from a top-k; one
    batch per batch size) against ``model.generate`` with transformers' top-p (a full sort of the
    vocabulary at every step), the path eamet used before, on the same batch.
-2. **model:<n>.** The whole corpus through ``eamet.model_corpus.sample_texts`` at the default batch size,
+2. **model:<n>.** The whole corpus through ``eamet.edit.model_corpus.sample_texts`` at the default batch size,
    into eamet's cache (so later edits reuse it), timed when it was not cached yet: the minutes a first
    edit waits.
 3. **C against n.** C at the preset's blocks from the first n of those documents (``mom2_n_samples``),
@@ -33,12 +33,13 @@ from typing import Any
 
 import torch
 
-from eamet import model_corpus
-from eamet._files import atomic_write
-from eamet.covariance import CovarianceCollector, default_cache_dir, model_fingerprint
-from eamet.parts import ModelParts
-from eamet.templates import generate_templates
-from eamet.tokens import TokenAdapter
+from eamet.base.files import atomic_write
+from eamet.edit import model_corpus
+from eamet.edit.moment_collector import SecondMomentCollector, default_cache_dir
+from eamet.model.fingerprint import model_fingerprint
+from eamet.model.parts import ModelParts
+from eamet.model.templates import generate_templates
+from eamet.model.tokens import TokenAdapter
 from sweeps import check_idle
 
 
@@ -134,13 +135,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     load = check_idle(args.allow_busy)
 
-    from eamet.loading import load_model
-    from eamet.runs import model_config
+    from eamet.app.loading import load_model
+    from eamet.models import config_for
 
     model, tokenizer = load_model(args.model)
     model.eval()
     tokens = TokenAdapter(tokenizer)
-    config = model_config(args.model, model, "memit")
+    config = config_for(model, "memit", name=args.model)
     out: dict[str, Any] = {
         "model": args.model,
         "load_average": load,
@@ -189,7 +190,7 @@ def main() -> None:
         corpus_file.write_text("\n".join(t.replace("\n", " ") for t in texts) + "\n", encoding="utf-8")
 
         def moments(n: int) -> dict[int, Any]:
-            return CovarianceCollector(
+            return SecondMomentCollector(
                 model, parts, tokens, corpus=str(corpus_file), n_samples=n, max_length=config.mom2_max_length,
                 use_cache=False, progress=False,
             ).moments(list(config.layers))  # fmt: skip

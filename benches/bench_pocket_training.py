@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from eamet.records import load_dataset
+from eamet.base.records import load_dataset
 from eamet.sandbox import World
 from eamet.sandbox.pocket import PocketSettings, _statements, train_pocket
 

@@ -40,14 +40,17 @@ from typing import Any
 import torch
 
 from common import peak_rss_mib, reset_peak_rss
-from eamet._files import atomic_write, cache_dir
-from eamet.config import METHODS, EditConfig
-from eamet.editor import Editor
-from eamet.evaluation import evaluate, evaluation_prefixes, known_cases
-from eamet.metrics import RATE_KEYS
-from eamet.records import cases_sharing_subjects, cases_texts
-from eamet.runs import CASES_CORPUS_DOCUMENTS, model_config
-from eamet.tokens import TokenAdapter
+from eamet.app.demo import CASES_CORPUS_DOCUMENTS
+from eamet.base.files import atomic_write, cache_dir
+from eamet.base.metrics import RATE_KEYS
+from eamet.base.records import cases_sharing_subjects, cases_texts
+from eamet.base.settings import METHODS, EditConfig
+from eamet.edit.editor import Editor
+from eamet.measure.evaluation import evaluate
+from eamet.measure.generation import evaluation_prefixes
+from eamet.measure.known import known_cases
+from eamet.model.tokens import TokenAdapter
+from eamet.models import config_for
 from sweeps import check_idle, format_row, header, merged, plot
 
 EXTRA = ("fluency", "known_efficacy_strict", "s_per_fact", "peak_mib", "mean_nll", "eval_seconds")
@@ -109,7 +112,7 @@ def main() -> None:
     parser.add_argument(
         "--residual-store",
         metavar="DIR",
-        help="take the residuals found in this store (eamet.store), compute and add the rest",
+        help="take the residuals found in this store (eamet.edit.store), compute and add the rest",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", help="the model's weights' dtype")
@@ -160,7 +163,7 @@ def main() -> None:
             record(measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before"))
         for name, method, overrides in variants:
             config = base_config(model, method)
-            if args.corpus == "cases":  # short texts: read as many as the demo does (runs.py)
+            if args.corpus == "cases":  # short texts: read as many as the demo does (app/demo.py)
                 config = config.replace(mom2_n_samples=CASES_CORPUS_DOCUMENTS)
             config = config.replace(**{**overrides, **args.set})
             editor = Editor(model, tokenizer, config=config, corpus=corpus)
@@ -198,8 +201,8 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
         model, tokenizer = pocket_model(world, progress=False)
         texts = world_corpus(world)
         return model, tokenizer, list(world.cases), lambda _n: texts, edit_config
-    from eamet.loading import load_model
-    from eamet.records import dataset_kind, load_dataset
+    from eamet.app.loading import load_model
+    from eamet.base.records import dataset_kind, load_dataset
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     if args.data is None:
@@ -224,7 +227,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
     def corpus_texts(n_edits: int) -> list[str]:
         return cases_texts(cases[n_edits:])
 
-    return model, tokenizer, cases, corpus_texts, lambda m, method: model_config(args.model, m, method)
+    return model, tokenizer, cases, corpus_texts, lambda m, method: config_for(m, method, name=args.model)
 
 
 def grouped_by_subject(cases: list[Any]) -> list[Any]:
@@ -238,8 +241,8 @@ def grouped_by_subject(cases: list[Any]) -> list[Any]:
 
 def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.Namespace) -> set[Any]:
     """Ids of the cases whose true object the unedited model gives strictly, cached per model and data."""
-    from eamet.covariance import model_fingerprint
-    from eamet.parts import ModelParts
+    from eamet.model.fingerprint import model_fingerprint
+    from eamet.model.parts import ModelParts
 
     if args.model == "pocket" or args.data is None:  # the pocket world, or cases shipped as known
         return {c.case_id for c in cases}

@@ -100,7 +100,7 @@ def main() -> None:
         print(f"# before editing: {fmt_metrics(before)}", flush=True)
     for method in methods:
         base = config_for(model, method)
-        from eamet.editor import Editor
+        from eamet.edit.editor import Editor
 
         first: torch.Tensor | None = None
         for name, overrides in variants.items():
@@ -155,7 +155,7 @@ def editing_order(editor: Any, cases: list[Any], how: str) -> list[int]:
     n = len(cases)
     if how == "given":
         return list(range(n))
-    from eamet.keys import PromptSet
+    from eamet.edit.keys import PromptSet
 
     config = editor.config
     prompts = PromptSet.build(
@@ -195,8 +195,8 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
     if not args.data:
         sys.exit("--model smollm2 needs --data COUNTERFACT.json")
     import eamet.models
-    from eamet.config import EditConfig
-    from eamet.records import cases_texts, load_dataset
+    from eamet.base.records import cases_texts, load_dataset
+    from eamet.base.settings import EditConfig
 
     model, tokenizer = eamet.models.load("smollm2-135m")
     cases = load_dataset("counterfact", args.data)
@@ -206,7 +206,7 @@ def setup(args: argparse.Namespace) -> tuple[Any, Any, list[Any], Any, Any]:
 
 
 def evaluate(model: Any, tokenizer: Any, cases: list[Any]) -> dict[str, Any]:
-    from eamet.evaluation import evaluate as run
+    from eamet.measure.evaluation import evaluate as run
 
     return run(model, tokenizer, cases, prefix_len=0, fluency=False, progress=False).metrics()
 

@@ -25,12 +25,13 @@ from typing import Any
 
 import torch
 
-from eamet.editor import Editor
-from eamet.evaluation import evaluate, evaluation_prefixes
-from eamet.records import load_dataset
+from eamet.base.records import load_dataset
+from eamet.edit.editor import Editor
+from eamet.measure.evaluation import evaluate
+from eamet.measure.generation import evaluation_prefixes
+from eamet.model.tokens import TokenAdapter
 from eamet.sandbox import World
 from eamet.sandbox.pocket import default_world, edit_config, pocket_model, world_corpus
-from eamet.tokens import TokenAdapter
 from sweeps import check_idle, format_row, header, merged, plot
 
 

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from eamet._files import atomic_write
-from eamet.config import METHODS
-from eamet.editor import Editor
-from eamet.runs import CASES_CORPUS_DOCUMENTS, model_config
+from eamet.app.demo import CASES_CORPUS_DOCUMENTS
+from eamet.base.files import atomic_write
+from eamet.base.settings import METHODS
+from eamet.edit.editor import Editor
+from eamet.models import config_for
 from sweeps import check_idle
 
 
@@ -54,8 +55,8 @@ def setup(name: str, method: str) -> tuple[Any, Any, list[Any], Any, Any]:
             edit_config(model, method),
         )
     import eamet.models
-    from eamet.loading import load_model
-    from eamet.records import cases_texts
+    from eamet.app.loading import load_model
+    from eamet.base.records import cases_texts
 
     model, tokenizer = load_model(name)
     cases = eamet.models.known_facts(name)
@@ -66,12 +67,12 @@ def setup(name: str, method: str) -> tuple[Any, Any, list[Any], Any, Any]:
         tokenizer,
         [c.rewrite for c in cases],
         cases_texts(cases[256:]),
-        model_config(name, model, method).replace(mom2_n_samples=CASES_CORPUS_DOCUMENTS),
+        config_for(model, method, name=name).replace(mom2_n_samples=CASES_CORPUS_DOCUMENTS),
     )
 
 
 def weight_change(result: Any) -> list[torch.Tensor]:
-    return [u.delta() for u in result.updates]
+    return [u.weight_change() for u in result.updates]
 
 
 def largest_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -32,12 +32,12 @@ import torch
 
 import eamet
 from bench_real import settings, variant
-from eamet.config import EditConfig
-from eamet.editor import Editor
-from eamet.evaluation import evaluate
-from eamet.keys import PromptSet
-from eamet.residuals import ResidualOptimizer
-from eamet.runs import model_config
+from eamet.base.settings import EditConfig
+from eamet.edit.editor import Editor
+from eamet.edit.keys import PromptSet
+from eamet.edit.optimizer import ResidualOptimizer
+from eamet.measure.evaluation import evaluate
+from eamet.models import config_for
 from sweeps import check_idle
 
 REFERENCE_BALL = "clamp=key_norm,clamp_factor=2.0"
@@ -77,8 +77,8 @@ def main() -> None:
     check_idle(args.allow_busy)
     variants = args.variant or [variant(v) for v in DEFAULT_VARIANTS]
 
-    from eamet.loading import load_model
-    from eamet.records import cases_texts, dataset_kind, load_dataset
+    from eamet.app.loading import load_model
+    from eamet.base.records import cases_texts, dataset_kind, load_dataset
 
     model, tokenizer = load_model(args.model)
     if args.data is None:
@@ -89,7 +89,7 @@ def main() -> None:
     corpus: Any = cases_texts(cases[args.edits :]) if args.corpus == "cases" else args.corpus
     out: dict[str, Any] = {"command": "python " + " ".join(sys.argv), "variants": {}}
     for name, method, overrides in variants:
-        config = model_config(args.model, model, method).replace(**{**overrides, **args.set})
+        config = config_for(model, method, name=args.model).replace(**{**overrides, **args.set})
         editor = Editor(model, tokenizer, config=config, corpus=corpus)
         editor.covariance(progress=False)
         if "geometry" not in out:
@@ -113,7 +113,7 @@ def main() -> None:
 
 def geometry(editor: Editor, cases: list[Any], config: EditConfig) -> dict[str, float]:
     """Norms and anisotropy of the keys and hidden states at l* on the unedited model."""
-    from eamet.keys import collect
+    from eamet.edit.keys import collect
 
     templates = editor._templates()
     prompts = PromptSet.build(editor.tokens, [c.rewrite for c in cases], templates, config.fact_token)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from common import cpu_busy_fraction
-from eamet.metrics import RATE_KEYS
+from eamet.base.metrics import RATE_KEYS
 
 COLUMNS = ("edits", "method", "prefix_len", *RATE_KEYS, "misalignment_total", "edit_seconds")
 SHORT = {"efficacy": "eff", "generalization": "gen", "specificity": "spec", "strict": "S", "lenient": "L"}

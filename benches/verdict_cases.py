@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import eamet.models
-from eamet.records import cases_texts, load_dataset
+from eamet.base.records import cases_texts, load_dataset
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import json
 from pathlib import Path
 
 import eamet.models
-from eamet.evaluation import known_cases
-from eamet.records import load_dataset
+from eamet.base.records import load_dataset
+from eamet.measure.known import known_cases
 
 OUT = Path(__file__).resolve().parent.parent / "python" / "eamet" / "data" / "counterfact_smollm2_known.jsonl"
 

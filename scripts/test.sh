@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every check of the project, as CI runs it: Rust format/lint/tests, a release wheel installed into a
-# fresh virtual environment, stub and type checks, ruff, and pytest against the installed wheel.
+# fresh virtual environment, stub and type checks, the import rule, ruff, and pytest against the installed
+# wheel.
 #
 #   bash scripts/test.sh            (from a checkout; needs cargo and python3 >= 3.10)
 #
@@ -53,6 +54,9 @@ step "stubtest: python/eamet/_core.pyi against the compiled module"
 
 step "mypy --strict"
 "$VPY" -m mypy
+
+step "lint-imports: the layers' import rule (pyproject.toml, scripts/import_contracts.py)"
+PYTHONPATH=scripts "$VENV/bin/lint-imports" --no-logo --no-cache
 
 step "ruff"
 "$VENV/bin/ruff" check python tests benches examples scripts

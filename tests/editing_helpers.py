@@ -1,4 +1,4 @@
-"""Helpers for the end-to-end editing tests (test_editing.py): tiny facts, configs, weight snapshots."""
+"""Helpers for the end-to-end editing tests (edit/test_editing.py): tiny facts, configs, weight snapshots."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from eamet import EditConfig, Fact
-from eamet.config import Method
-from eamet.editor import Editor
-from eamet.parts import ModelParts
+from eamet.base.settings import Method
+from eamet.edit.editor import Editor
+from eamet.model.parts import ModelParts
 from tiny import corpus, tiny_model
 
 CORPUS = list(corpus())

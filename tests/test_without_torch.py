@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent(
     assert np.allclose(acc.moment(), keys.T @ keys / 60, rtol=1e-5, atol=1e-6)
     try:
         eamet.misalignment(keys.astype(int), residuals)
-    except eamet.errors.DTypeError:
+    except eamet.base.errors.DTypeError:
         pass
     else:
         raise AssertionError("integer keys were accepted")
@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
     assert eamet.models.resolve("smollm2") is smollm
     try:
         eamet.models.load("smollm2")
-    except eamet.errors.MissingDependencyError as exc:
+    except eamet.base.errors.MissingDependencyError as exc:
         assert smollm.install in str(exc), exc
     else:
         raise AssertionError("eamet.models.load worked without torch")

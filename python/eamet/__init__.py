@@ -16,20 +16,21 @@ evaluation names import torch on first use; ``load_dataset`` needs none).
 from typing import TYPE_CHECKING, Any
 
 from eamet import errors
-from eamet._core import __version__, get_num_threads, set_num_threads
-from eamet.arch import ArchSpec, known_architectures, register_arch
-from eamet.config import EditConfig
-from eamet.diagnostics import MisalignmentReport, misalignment, neighbors
-from eamet.errors import EametError
-from eamet.facts import Fact
-from eamet.moments import SecondMoment
-from eamet.records import load_dataset
+from eamet.base.arch import ArchSpec, known_architectures, register_arch
+from eamet.base.errors import EametError
+from eamet.base.facts import Fact
+from eamet.base.records import load_dataset
+from eamet.base.settings import EditConfig
+from eamet.kernels import __version__, get_num_threads, set_num_threads
+from eamet.kernels.diagnostics import MisalignmentReport, misalignment, neighbors
+from eamet.kernels.second_moment import SecondMoment
 
 if TYPE_CHECKING:
-    from eamet.capacity import CapacityReport
-    from eamet.editor import Editor, EditResult
-    from eamet.evaluation import EvaluationReport, evaluate, known_cases
-    from eamet.tracing import TraceReport, trace
+    from eamet.edit.capacity import CapacityReport
+    from eamet.edit.editor import Editor, EditResult
+    from eamet.measure.evaluation import EvaluationReport, evaluate
+    from eamet.measure.known import known_cases
+    from eamet.measure.tracing import TraceReport, trace
 
 __all__ = [
     "ArchSpec",
@@ -58,14 +59,14 @@ __all__ = [
 ]
 
 _LAZY = {
-    "CapacityReport": "eamet.capacity",
-    "Editor": "eamet.editor",
-    "EditResult": "eamet.editor",
-    "EvaluationReport": "eamet.evaluation",
-    "evaluate": "eamet.evaluation",
-    "known_cases": "eamet.evaluation",
-    "TraceReport": "eamet.tracing",
-    "trace": "eamet.tracing",
+    "CapacityReport": "eamet.edit.capacity",
+    "Editor": "eamet.edit.editor",
+    "EditResult": "eamet.edit.editor",
+    "EvaluationReport": "eamet.measure.evaluation",
+    "evaluate": "eamet.measure.evaluation",
+    "known_cases": "eamet.measure.known",
+    "TraceReport": "eamet.measure.tracing",
+    "trace": "eamet.measure.tracing",
 }
 
 

@@ -10,7 +10,7 @@ Importing this package imports neither torch nor transformers; :func:`load` does
 
 from eamet.models.catalog import KnownModel, find_gguf, known_facts, known_models, resolve
 from eamet.models.loader import known_model_of, load, tokenizer_for
-from eamet.models.presets import config_for, known_by_name
+from eamet.models.matching import config_for, known_by_name
 
 __all__ = [
     "KnownModel",

@@ -2,7 +2,7 @@
 
 An entry is ``<cache root>/models/<name>/``: ``config.json``, ``model.safetensors`` (float32, dequantised),
 the tokenizer files (``tokenizer.json`` ...), and ``eamet-model.json``, the manifest written by
-:func:`eamet._files.write_checked_dir`: the source GGUF's name, size and SHA-256, the conversion settings,
+:func:`eamet.base.files.write_checked_dir`: the source GGUF's name, size and SHA-256, the conversion settings,
 the library versions that converted it, and the SHA-256 of every file. An entry is used only when every
 file matches its checksum, the conversion settings are the current ones and (when the wheel is
 installed) the source GGUF is the one it was made from; otherwise it is rebuilt.
@@ -16,9 +16,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from eamet._core import __version__
-from eamet._files import cache_dir, read_checked_dir, sha256_file, write_checked_dir
-from eamet.errors import CacheError, MissingDependencyError
+from eamet.base.errors import CacheError, MissingDependencyError
+from eamet.base.files import cache_dir, read_checked_dir, sha256_file, write_checked_dir
+from eamet.kernels import __version__
 from eamet.models.catalog import KnownModel
 
 __all__ = ["MANIFEST", "check_entry", "convert", "entry_dir", "require_conversion_packages", "source_record"]

@@ -12,8 +12,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from eamet.errors import MissingDependencyError, ParameterError
-from eamet.records import EditCase, load_dataset
+from eamet.base.errors import MissingDependencyError, ParameterError
+from eamet.base.records import EditCase, load_dataset
 
 __all__ = ["KnownModel", "find_gguf", "known_facts", "known_models", "resolve"]
 

@@ -7,8 +7,8 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from eamet.errors import CacheError, MissingDependencyError, ParameterError
-from eamet.loading import DTYPES
+from eamet.base.choices import DTYPES
+from eamet.base.errors import CacheError, MissingDependencyError, ParameterError
 from eamet.models.cache import MANIFEST, check_entry, convert, entry_dir, source_record
 from eamet.models.catalog import KnownModel, find_gguf, resolve
 

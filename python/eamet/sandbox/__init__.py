@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from eamet.records import EditCase
+from eamet.base.records import EditCase
 from eamet.sandbox.world import DEFAULT_RELATIONS, Relation, World, WorldFact
 
 __all__ = [

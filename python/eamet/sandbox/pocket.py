@@ -26,16 +26,16 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from eamet._files import cache_dir as cache_dir_for
-from eamet._files import read_checked_dir, write_checked_dir
-from eamet._progress import progress_bar
-from eamet.batching import pad_right
-from eamet.choices import Method, PocketArch
-from eamet.errors import CacheError, ParameterError
-from eamet.evaluation import score_targets
-from eamet.facts import SUBJECT_SLOT, fill
+from eamet.base.choices import Method, PocketArch
+from eamet.base.errors import CacheError, ParameterError
+from eamet.base.facts import SUBJECT_SLOT, fill
+from eamet.base.files import cache_dir as cache_dir_for
+from eamet.base.files import read_checked_dir, write_checked_dir
+from eamet.base.progress import progress_bar
+from eamet.model.batching import pad_right
+from eamet.model.scoring import score_targets
+from eamet.model.tokens import TokenAdapter
 from eamet.sandbox.world import World
-from eamet.tokens import TokenAdapter
 
 __all__ = [
     "DEFAULT_WORLD_SUBJECTS",
@@ -290,7 +290,7 @@ def recall(
     """Fraction of statements whose object is the greedy continuation (strict: every object token the
     arg-max): every fact in every phrasing plus the world's ``known`` pairs (``"all"``), or each fact in
     its relation's editing phrasing only (``"editing"``)."""
-    tokens = tokenizer if isinstance(tokenizer, TokenAdapter) else TokenAdapter(tokenizer)
+    tokens = TokenAdapter.of(tokenizer)
     if phrasings == "all":
         pairs = [(prompt, obj) for prompt, obj, _ in _statements(world)]
     else:
@@ -390,7 +390,7 @@ POCKET_LAMBDA = 50.0
 
 
 def edit_config(model: nn.Module, method: Method = "eamet", **overrides: Any) -> Any:
-    """The :class:`~eamet.config.EditConfig` used on pocket models: the method's reference settings
+    """The :class:`~eamet.base.settings.EditConfig` used on pocket models: the method's reference settings
     (``EditConfig.for_model``) on blocks 0 and 1 with λ = ``POCKET_LAMBDA`` per layer, C over 4000 lines
     of the world's text, and the same residual budget for both methods: ‖δ‖ ≤ 0.75 ‖h‖ (MEMIT's rule).
 
@@ -399,12 +399,12 @@ def edit_config(model: nn.Module, method: Method = "eamet", **overrides: Any) ->
     NLL ≈ 5; with the shared budget the z-step reaches NLL < 0.2). Pass ``clamp="key_norm",
     clamp_factor=2.0`` to get the reference rule back. Keyword arguments override anything.
     """
-    from eamet.config import EditConfig
+    from eamet.base.settings import EditConfig
 
     layers = overrides.get("layers", (0, 1))
     values: dict[str, Any] = {
         "layers": layers,
-        "mom2_update_weight": (POCKET_LAMBDA,) * len(layers),
+        "mom2_update_weight": POCKET_LAMBDA,  # one λ for every edited block
         "mom2_n_samples": 4000,
         "clamp": "hidden_norm",
         "clamp_factor": 0.75,
@@ -442,7 +442,7 @@ def save_pocket(
     report: TrainingReport,
 ) -> Path:
     """Writes model (safetensors), tokenizer and a manifest (key, settings, report, SHA-256 of every file)
-    into ``directory`` atomically (:func:`eamet._files.write_checked_dir`)."""
+    into ``directory`` atomically (:func:`eamet.base.files.write_checked_dir`)."""
 
     def fill(staging: Path) -> dict[str, Any]:
         model.save_pretrained(staging)  # type: ignore[operator]

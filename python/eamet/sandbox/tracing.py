@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from eamet.arch import arch_for
-from eamet.errors import ParameterError
-from eamet.hooks import add_to_output, record_outputs
-from eamet.parts import ModelParts, eval_mode
+from eamet.base.arch import arch_for
+from eamet.base.errors import ParameterError
+from eamet.model.hooks import add_to_output, record_outputs
+from eamet.model.parts import ModelParts, eval_mode
+from eamet.model.tokens import TokenAdapter
 from eamet.sandbox.world import World
-from eamet.tokens import TokenAdapter
 
 __all__ = ["SubjectTrace", "trace_subject"]
 
@@ -93,7 +93,7 @@ def trace_subject(
     Returns:
         :class:`SubjectTrace` with one ``moved``/``kept`` rate per tested block.
     """
-    tokens = tokenizer if isinstance(tokenizer, TokenAdapter) else TokenAdapter(tokenizer)
+    tokens = TokenAdapter.of(tokenizer)
     parts = ModelParts(model, arch_for(model))
     blocks = list(range(parts.num_layers)) if layers is None else list(layers)
     for layer in blocks:

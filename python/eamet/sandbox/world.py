@@ -1,7 +1,7 @@
 """A world of facts to edit: generated from a seed, or read from CounterFact records.
 
 A :class:`World` holds true facts (subject, relation, object) phrased in several ways, and edit cases
-in the CounterFact shape: a rewrite (:class:`~eamet.facts.Fact` with ``target_true``), paraphrase prompts
+in the CounterFact shape: a rewrite (:class:`~eamet.base.facts.Fact` with ``target_true``), paraphrase prompts
 that should follow the edit, and neighbourhood prompts (other subjects) that should keep their answers.
 It is plain data — no torch — and hashes to a stable id, so a model trained on it can be cached by it.
 """
@@ -15,9 +15,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from eamet.errors import FactError, ParameterError
-from eamet.facts import SUBJECT_SLOT, Fact, fill
-from eamet.records import EditCase, counterfact_case
+from eamet.base.errors import FactError, ParameterError
+from eamet.base.facts import SUBJECT_SLOT, Fact, fill
+from eamet.base.records import EditCase, counterfact_case
 
 __all__ = ["DEFAULT_RELATIONS", "EditCase", "Relation", "World", "WorldFact"]
 
