@@ -588,3 +588,12 @@ def test_reference_gpt2_hparams_work_with_a_gpt2_model(tmp_path: Path) -> None:
     model = tiny_model("gpt2", n_layer=3, vocab_size=256)
     editor = Editor(model, bpe_tokenizer(add_bos=False), config=config, corpus=["a b c"], cache_dir=tmp_path)
     assert editor.parts.spec.weight_layout == "in_out"
+
+
+def test_on_layers_keeps_each_blocks_lambda_and_gives_new_blocks_the_last_ones() -> None:
+    c = EditConfig(layers=(3, 4), mom2_update_weight=(10.0, 20.0))
+    assert c.on_layers((4, 5)).mom2_update_weight == (20.0, 20.0)
+    assert c.on_layers([3]).mom2_update_weight == (10.0,)
+    moved = c.on_layers((2, 3, 4), seed=7)
+    assert (moved.layers, moved.mom2_update_weight, moved.seed) == ((2, 3, 4), (20.0, 10.0, 20.0), 7)
+    assert c.on_layers((5,), mom2_update_weight=3.0).mom2_update_weight == (3.0,)  # given λs win

@@ -214,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     choice = edit.add_mutually_exclusive_group()
     choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
-    edit.add_argument("--layers", type=_layers, help="edited blocks, e.g. 3,4 (default: from the config)")
+    edit.add_argument(
+        "--layers",
+        type=_layers,
+        help="edited blocks, e.g. 3,4 (default: from the config; a block keeps its λ, a new one takes the "
+        "last block's)",
+    )
     edit.add_argument(
         "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
     )
@@ -276,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     choice = capacity.add_mutually_exclusive_group()
     choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
     choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
-    capacity.add_argument("--layers", type=_layers, help="edited blocks, e.g. 3,4 (default: from the config)")
+    capacity.add_argument(
+        "--layers",
+        type=_layers,
+        help="edited blocks, e.g. 3,4 (default: from the config; a block keeps its λ, a new one takes the "
+        "last block's)",
+    )
     capacity.add_argument(
         "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
     )
