@@ -7,7 +7,7 @@ from typing import Any, get_args
 
 from eamet import kernels
 from eamet.app import commands as cmd
-from eamet.base.choices import BosPolicy, PocketArch, ZDtype
+from eamet.base.choices import DTYPES, BosPolicy, PocketArch, StatsDType, TraceKind, ZDtype
 from eamet.base.records import DATASET_KINDS
 from eamet.base.settings import METHODS
 from eamet.kernels.diagnostics import (
@@ -117,8 +117,11 @@ def _methods(text: str) -> tuple[str, ...]:
 
 def _kinds(text: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    if not kinds or any(k not in ("block", "mlp") for k in kinds):
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of block, mlp; got {text!r}")
+    allowed = get_args(TraceKind)
+    if not kinds or any(k not in allowed for k in kinds):
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated list of {', '.join(allowed)}; got {text!r}"
+        )
     return kinds
 
 
@@ -129,9 +132,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         help="hub id or local directory of a causal LM, or a model eamet knows (smollm2-135m: see "
         "docs/models.md)",
     )
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="weights' dtype"
-    )
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weights' dtype")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--json", metavar="PATH", help="also write a JSON summary")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -260,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("--max-length", type=_positive_int, default=1024, help="tokens per document")
     stats.add_argument(
-        "--stats-dtype", choices=("float32", "float64"), default="float32", help="product precision"
+        "--stats-dtype", choices=get_args(StatsDType), default="float32", help="product precision"
     )
     stats.add_argument("--bos", choices=get_args(BosPolicy), default="native", help="BOS policy")
     stats.add_argument("--out", help="cache directory (default ~/.cache/eamet/stats)")
@@ -408,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     tracing.add_argument("--data", required=True, help="the dataset file (records need a true object)")
     tracing.add_argument(
         "--format",
-        choices=("counterfact", "zsre", "jsonl"),
+        choices=DATASET_KINDS,
         help="the file's format (default: jsonl for a .jsonl file, else counterfact)",
     )
     tracing.add_argument(

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
+from eamet.base.choices import WeightLayout
 from eamet.base.errors import ParameterError, UnsupportedArchitectureError
 
 __all__ = [
@@ -31,8 +32,6 @@ __all__ = [
     "registered_layout",
     "spec_from_paths",
 ]
-
-WeightLayout = Literal["out_in", "in_out"]
 
 
 @dataclass(frozen=True)

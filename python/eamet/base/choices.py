@@ -7,22 +7,27 @@ can build its parser without loading the editing stack.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = [
     "DTYPES",
     "BatchAlignment",
     "BosPolicy",
+    "CaseKind",
     "Clamp",
+    "DatasetKind",
     "DeltaInit",
     "FactToken",
     "KlAnchor",
     "Method",
+    "ModelDType",
     "NormPenalty",
     "PocketArch",
     "Solver",
     "StatsDType",
     "TeacherForcing",
+    "TraceKind",
+    "WeightLayout",
     "ZDtype",
     "ZForward",
 ]
@@ -49,6 +54,16 @@ ZForward = Literal["fast", "full"]
 target positions (``fast``), or the whole model with every position's logits (``full``, the reference)."""
 BatchAlignment = Literal["none", "current", "second_pass"]
 """What a fact aligns against among the facts of its own batch (EAMET with fact_batch > 1)."""
+ModelDType = Literal["float32", "bfloat16", "float16"]
+"""The dtypes a model can be loaded in."""
+TraceKind = Literal["block", "mlp"]
+"""What causal tracing restores: a whole block's output or its MLP's."""
+DatasetKind = Literal["counterfact", "zsre", "jsonl"]
+"""Formats of an evaluation dataset file."""
+CaseKind = Literal["counterfact", "zsre"]
+"""Where an edit case comes from: CounterFact (with a true object) or zsRE (without)."""
+WeightLayout = Literal["out_in", "in_out"]
+"""How a rewrite module stores its weight: (d_out, d_in) as ``nn.Linear``, or (d_in, d_out) as GPT-2's
+``Conv1D``."""
 
-
-DTYPES = ("float32", "bfloat16", "float16")  # the dtypes a model can be loaded in
+DTYPES: tuple[ModelDType, ...] = get_args(ModelDType)

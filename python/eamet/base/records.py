@@ -21,14 +21,14 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
+from eamet.base.choices import CaseKind, DatasetKind
 from eamet.base.errors import DatasetError, FactError, ParameterError
 from eamet.base.facts import SUBJECT_SLOT, Fact
 
 __all__ = [
     "DATASET_KINDS",
-    "CaseKind",
     "EditCase",
     "as_cases",
     "case_from_record",
@@ -40,8 +40,7 @@ __all__ = [
     "zsre_case",
 ]
 
-CaseKind = Literal["counterfact", "zsre"]
-DATASET_KINDS = ("counterfact", "zsre", "jsonl")
+DATASET_KINDS: tuple[DatasetKind, ...] = get_args(DatasetKind)
 
 
 @dataclass(frozen=True)

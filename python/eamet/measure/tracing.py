@@ -23,12 +23,13 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
+from eamet.base.choices import TraceKind
 from eamet.base.errors import FactError, ParameterError, UnsupportedArchitectureError
 from eamet.base.plotting import figure_class
 from eamet.base.progress import progress_callback
@@ -40,7 +41,7 @@ from eamet.model.tokens import TokenAdapter
 
 __all__ = ["DEFAULT_WINDOW", "NOISE_STD_FACTOR", "TRACE_KINDS", "TraceReport", "trace"]
 
-TRACE_KINDS = ("block", "mlp")
+TRACE_KINDS: tuple[TraceKind, ...] = get_args(TraceKind)
 # ROME's window for MLP traces (GPT-2 XL, 48 blocks; GPT-J, 28 blocks).
 DEFAULT_WINDOW = 10
 # ROME's noise: ν = 3 × the standard deviation of the subjects' token embeddings.
