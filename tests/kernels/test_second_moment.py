@@ -436,3 +436,19 @@ def test_merge_of_empty_and_loaded_accumulators(rng: np.random.Generator, tmp_pa
 def test_top_level_exports() -> None:
     """The accumulator is the one exported at the top level."""
     assert eamet.SecondMoment is SecondMoment
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "under-a-file"])
+def test_save_failure_is_a_storage_error_naming_the_path(tmp_path: Path, where: str) -> None:
+    from eamet.base.errors import StorageError
+
+    acc = SecondMoment(4)
+    acc.update(np.eye(4, dtype=np.float32))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    target = tmp_path / "no" / "m.safetensors" if where == "missing-dir" else blocker / "m.safetensors"
+    with pytest.raises(StorageError, match="cannot write") as info:
+        acc.save(target, metadata={"layer": 1})
+    assert isinstance(info.value, OSError) and info.value.path == str(target)
+    assert acc.metadata != {"layer": 1}  # a failed save changes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from eamet import _core
-from eamet.base.errors import CacheError, DTypeError, ParameterError
+from eamet.base.errors import CacheError, DTypeError, ParameterError, StorageError
 from eamet.kernels.arrays import as_float_matrix
 
 __all__ = ["SecondMoment"]
@@ -134,10 +134,17 @@ class SecondMoment:
     def save(self, path: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None) -> None:
         """Writes a safetensors file atomically: the packed upper triangle (float64), dim, count,
         input dtype, a CRC-32 of the data, and ``metadata`` (default: :attr:`metadata`) as JSON.
+
+        Raises ``StorageError`` (an ``OSError``) naming ``path`` when it cannot be written (no such
+        directory, full disk, no permission); nothing is left behind.
         """
         meta = dict(self.metadata if metadata is None else metadata)
-        with self._lock:
-            self._acc.save(os.fspath(path), json.dumps(meta, sort_keys=True))
+        try:
+            with self._lock:
+                self._acc.save(os.fspath(path), json.dumps(meta, sort_keys=True))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StorageError(f"{path}: cannot write ({reason})", path=os.fspath(path)) from exc
         self.metadata = meta
 
     @classmethod
