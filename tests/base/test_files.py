@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,18 @@ def test_a_full_disk_while_building_a_checked_dir_is_a_storage_error(tmp_path: P
         write_checked_dir(tmp_path / "entry", no_space, "manifest.json")
     assert info.value.path == str(tmp_path / "entry")
     assert list(tmp_path.iterdir()) == []  # no entry, no staging folder
+
+
+def test_tensor_files_get_a_usual_files_mode(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from eamet.model.tensor_files import atomic_save_tensors
+
+    old = os.umask(0o027)
+    try:
+        from eamet.base.files import new_file_mode
+
+        assert new_file_mode() == 0o640
+        path = atomic_save_tensors(tmp_path / "t.safetensors", {"x": torch.ones(2)}, {"k": "v"})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # not safetensors' own 0600

@@ -23,7 +23,15 @@ from typing import Any
 
 from eamet.base.errors import CacheError, StorageError
 
-__all__ = ["atomic_write", "cache_dir", "cache_root", "read_checked_dir", "sha256_file", "write_checked_dir"]
+__all__ = [
+    "atomic_write",
+    "cache_dir",
+    "cache_root",
+    "new_file_mode",
+    "read_checked_dir",
+    "sha256_file",
+    "write_checked_dir",
+]
 
 CACHE_ENV = "EAMET_CACHE_DIR"
 
@@ -47,6 +55,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0o666 less this process's umask (read from /proc on Linux,
+    where asking ``os.umask`` would change it for every thread for a moment)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:

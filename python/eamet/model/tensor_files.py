@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from eamet.base.errors import StorageError
-from eamet.base.files import atomic_write
+from eamet.base.files import atomic_write, new_file_mode
 
 if TYPE_CHECKING:
     import torch
@@ -32,5 +32,6 @@ def atomic_save_tensors(
             save_file(cpu, os.fspath(tmp), metadata=dict(metadata))
         except SafetensorError as exc:  # its I/O failures (a full disk) are not OSErrors
             raise StorageError(f"{path}: cannot write ({exc})", path=str(path)) from exc
+        tmp.chmod(new_file_mode())  # safetensors creates its files 0600: give them a usual file's mode
 
     return atomic_write(path, write)
