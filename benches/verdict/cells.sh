@@ -28,9 +28,10 @@ mkdir -p "$out"
 stored_to() {  # NAME N: whether the pass NAME has stored the residuals of the first N facts
   local name=$1 n=$2 f
   for f in "$passes/$name"-*.json; do
-    [ -e "$f" ] || continue
-    local m=${f##*-}
+    local m=${f#"$passes/$name"-}
     m=${m%.json}
+    # eamet-*.json also matches eamet-gated-*.json: only a pure number is this pass's N
+    [[ -e "$f" && "$m" =~ ^[0-9]+$ ]] || continue
     [ "$m" -ge "$n" ] && return 0
   done
   return 1
