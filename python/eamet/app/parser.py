@@ -125,6 +125,32 @@ def _kinds(text: str) -> tuple[str, ...]:
     return kinds
 
 
+def _settings_options(parser: argparse.ArgumentParser) -> None:
+    """The edit's settings, as ``edit`` and ``capacity`` take them: a preset or a config file, then the
+    solve's settings over it."""
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
+    choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
+    parser.add_argument(
+        "--layers",
+        type=_layers,
+        help="edited blocks, e.g. 3,4 (default: from the config; a block keeps its λ, a new one takes the "
+        "last block's)",
+    )
+    parser.add_argument(
+        "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
+    )
+    parser.add_argument(
+        "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
+    )
+    parser.add_argument(
+        "--mom2-update-weight",
+        type=_lambdas,
+        metavar="L[,L]",
+        help="λ of the solve: one for every block or one per block (default: from the config)",
+    )
+
+
 def _model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -212,27 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit with status 3 if any fact did not land (the edit is still written)",
     )
     edit.add_argument("--method", choices=METHODS, help=f"(default {METHODS[0]})")
-    choice = edit.add_mutually_exclusive_group()
-    choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
-    choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
-    edit.add_argument(
-        "--layers",
-        type=_layers,
-        help="edited blocks, e.g. 3,4 (default: from the config; a block keeps its λ, a new one takes the "
-        "last block's)",
-    )
-    edit.add_argument(
-        "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
-    )
-    edit.add_argument(
-        "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
-    )
-    edit.add_argument(
-        "--mom2-update-weight",
-        type=_lambdas,
-        metavar="L[,L]",
-        help="λ of the solve: one for every block or one per block (default: from the config)",
-    )
+    _settings_options(edit)
     edit.add_argument("--cache-dir", help="statistics cache (default ~/.cache/eamet/stats)")
     edit.add_argument(
         "--residual-store",
@@ -279,27 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(capacity)
     capacity.add_argument("--facts", required=True, help="facts, one JSON record per line (or a .json list)")
     capacity.add_argument("--method", choices=METHODS, default=METHODS[0], help="(default %(default)s)")
-    choice = capacity.add_mutually_exclusive_group()
-    choice.add_argument("--preset", help="a model's preset, e.g. llama2-7b (reference) or smollm2-135m")
-    choice.add_argument("--config", metavar="JSON", help="EditConfig JSON or a reference hparams file")
-    capacity.add_argument(
-        "--layers",
-        type=_layers,
-        help="edited blocks, e.g. 3,4 (default: from the config; a block keeps its λ, a new one takes the "
-        "last block's)",
-    )
-    capacity.add_argument(
-        "--corpus", help="text for C = E[kkᵀ]: .txt/.jsonl path, hf:<dataset>[:<config>], or model:<n>"
-    )
-    capacity.add_argument(
-        "--samples", type=_positive_int, help="corpus documents for C (default: from the config)"
-    )
-    capacity.add_argument(
-        "--mom2-update-weight",
-        type=_lambdas,
-        metavar="L[,L]",
-        help="λ: one for every block or one per block (default: from the config)",
-    )
+    _settings_options(capacity)
     capacity.add_argument(
         "--lambda-for",
         type=_open_fraction,
