@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 
 from eamet.app import demo as demo_module  # noqa: E402
 from eamet.app.cli import main  # noqa: E402
-from eamet.app.protocol import RATE_KEYS  # noqa: E402
 from eamet.base.errors import FactError  # noqa: E402
+from eamet.base.metrics import RATE_KEYS  # noqa: E402
 from eamet.base.records import cases_texts, load_dataset  # noqa: E402
 from eamet.sandbox import World, pocket  # noqa: E402
 from eamet.sandbox.pocket import PocketSettings, train_pocket  # noqa: E402

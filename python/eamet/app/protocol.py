@@ -21,10 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from eamet.base.errors import NotLandedWarning, ParameterError
-from eamet.base.metrics import RATE_KEYS
 from eamet.base.settings import METHODS
 
-__all__ = ["RATE_KEYS", "ApplyEdit", "compare_edits", "run_edits"]
+__all__ = ["ApplyEdit", "compare_edits", "run_edits"]
 
 
 # Applies one edit to the model and returns it (applied, so it can be undone) with the seconds it took

@@ -44,9 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["ResidualOptimizer"]
 
 
-# -- the optimiser ----------------------------------------------------------------------------------------
-
-
 def _from_store(
     store: ResidualStore | None, keys: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor, list[FactStats]] | None:

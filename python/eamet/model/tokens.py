@@ -224,9 +224,9 @@ def tokenizer_of(model: Any) -> Any:
     Raises ``ParameterError`` saying how to pass one when neither exists (a model built from a config has
     no ``name_or_path``; a hub id that cannot be reached offline fails too).
     """
-    from eamet.models import loader as models
+    from eamet.models.loader import tokenizer_for
 
-    found = models.tokenizer_for(model)
+    found = tokenizer_for(model)
     if found is not None:
         return found
     source = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
