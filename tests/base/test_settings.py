@@ -597,3 +597,11 @@ def test_on_layers_keeps_each_blocks_lambda_and_gives_new_blocks_the_last_ones()
     moved = c.on_layers((2, 3, 4), seed=7)
     assert (moved.layers, moved.mom2_update_weight, moved.seed) == ((2, 3, 4), (20.0, 10.0, 20.0), 7)
     assert c.on_layers((5,), mom2_update_weight=3.0).mom2_update_weight == (3.0,)  # given λs win
+
+
+@pytest.mark.parametrize("layers", [(), (4, 3), (3, 3), (-1,)])
+def test_on_layers_rejects_bad_blocks_and_leaves_the_config(layers: tuple[int, ...]) -> None:
+    c = EditConfig(layers=(3, 4), mom2_update_weight=(10.0, 20.0))
+    with pytest.raises(ParameterError, match="layers"):
+        c.on_layers(layers)
+    assert (c.layers, c.mom2_update_weight) == ((3, 4), (10.0, 20.0))
