@@ -1,0 +1,278 @@
+"""The verdict's tables, figures and crossing points, from the cells that benches/verdict/cells.sh wrote.
+
+    python benches/verdict/figures.py docs/verdict --markdown            # one table per N
+    python benches/verdict/figures.py docs/verdict --crossings           # where each curve falls below 50 %
+    python benches/verdict/figures.py docs/verdict --plot docs/verdict   # efficacy.png, misalignment.png,
+                                                                         # leverage.png
+
+Reads every ``cells-N.json`` (bench_real.py's rows, one per cell) and ``capacity-N.json`` (the capacity
+report's λ pick) in the folder; runs nothing. A cell's name is ``METHOD[-b4]-LAMBDA`` as cells.sh gives it:
+METHOD ``memit``, ``gated`` (EAMET + ``align_below_nll``) or ``eamet`` (EAMET as specified), ``-b4`` for
+block 4 alone, LAMBDA ``558.1``, ``2093.0`` or ``cap`` (the capacity report's pick at that N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METHODS = {"memit": "MEMIT", "gated": "EAMET gated", "eamet": "EAMET as specified"}
+LAMBDAS = {"558.1": "λ 558", "2093.0": "λ 2093", "cap": "capacity pick"}
+COLORS = {"memit": "tab:red", "gated": "tab:blue", "eamet": "tab:green"}
+THRESHOLD = 0.5
+_NAME = re.compile(r"^(?P<method>memit|gated|eamet)(?P<b4>-b4)?-(?P<lam>558\.1|2093\.0|cap)$")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (N, method, blocks, λ) edit of the sweep and what it measured."""
+
+    n: int
+    method: str
+    blocks: str  # "3–4" or "4"
+    lam: str  # a key of LAMBDAS
+    row: dict[str, Any]
+
+    @property
+    def curve(self) -> tuple[str, str, str]:
+        return self.method, self.blocks, self.lam
+
+    def get(self, key: str) -> float:
+        value = self.row.get(key)
+        return math.nan if value is None else float(value)
+
+    @property
+    def leverage(self) -> list[float]:
+        """The solve's mean leverage per edited block, in block order."""
+        lev = self.row.get("mean_leverage") or {}
+        return [float(lev[k]) for k in sorted(lev, key=int)]
+
+
+def load(folder: Path) -> tuple[list[Cell], dict[int, dict[str, Any]], dict[int, dict[str, Any]]]:
+    """The cells of every ``cells-N.json`` in ``folder``, the unedited rows by N, and the capacity reports
+    by N."""
+    cells: list[Cell] = []
+    before: dict[int, dict[str, Any]] = {}
+    capacity: dict[int, dict[str, Any]] = {}
+    for path in sorted(folder.glob("cells-*.json")):
+        if not re.fullmatch(r"cells-\d+\.json", path.name):
+            continue  # cells.sh's cells-N.prev.json
+        for row in json.loads(path.read_text())["rows"]:
+            if row.get("prefix_len", 0) != 0:
+                continue
+            if row["method"] == "before":
+                before[row["edits"]] = row
+                continue
+            match = _NAME.match(row["method"])
+            if match is None:
+                raise SystemExit(f"{path}: unknown cell name {row['method']!r}")
+            blocks = "4" if match["b4"] else "3–4"
+            cells.append(Cell(row["edits"], match["method"], blocks, match["lam"], row))
+    for path in sorted(folder.glob("capacity-*.json")):
+        capacity[int(path.stem.split("-")[1])] = json.loads(path.read_text())
+    if not cells:
+        raise SystemExit(f"no cells-N.json with cells in {folder}")
+    return cells, before, capacity
+
+
+def crossing(points: Sequence[tuple[int, float]], threshold: float = THRESHOLD) -> str:
+    """Where a curve of (N, rate) points, in N order, first falls below ``threshold``: N interpolated
+    linearly in log N between the last point at or above it and the first below it."""
+    points = [(n, r) for n, r in points if not math.isnan(r)]
+    if not points:
+        return "no cells"
+    if points[0][1] < threshold:
+        return f"< {points[0][0]} (already {points[0][1]:.2f})"
+    for (n0, r0), (n1, r1) in itertools.pairwise(points):
+        if r1 < threshold <= r0:
+            frac = (r0 - threshold) / (r0 - r1)
+            at = math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0)))
+            return f"≈ {at:.0f} ({n0}: {r0:.2f}, {n1}: {r1:.2f})"
+    n, r = points[-1]
+    return f"not yet ({r:.2f} at {n})"
+
+
+def curves(cells: Iterable[Cell]) -> dict[tuple[str, str, str], list[Cell]]:
+    """The cells grouped by (method, blocks, λ), each group in N order."""
+    out: dict[tuple[str, str, str], list[Cell]] = {}
+    for cell in sorted(cells, key=lambda c: c.n):
+        out.setdefault(cell.curve, []).append(cell)
+    return out
+
+
+def _order(curve: tuple[str, str, str]) -> tuple[int, int, int]:
+    method, blocks, lam = curve
+    return list(LAMBDAS).index(lam), blocks != "3–4", list(METHODS).index(method)
+
+
+def _lambda_text(cell: Cell, capacity: dict[int, dict[str, Any]]) -> str:
+    if cell.lam != "cap":
+        return f"{float(cell.lam):.0f}"
+    lams = capacity.get(cell.n, {}).get("lambda_for", {}).get("lambdas")
+    if not lams:
+        return "cap"
+    picked = lams if cell.blocks == "3–4" else lams[-1:]
+    return "cap (" + " / ".join(f"{x:.0f}" for x in picked) + ")"
+
+
+def markdown(
+    cells: list[Cell], before: dict[int, dict[str, Any]], capacity: dict[int, dict[str, Any]]
+) -> str:
+    """One table per N: every cell's strict and lenient rates, the solve's leverage and the misalignment;
+    with the known cases' strict efficacy where some cases are not known."""
+    lines: list[str] = []
+    for n in sorted({c.n for c in cells}):
+        at_n = sorted((c for c in cells if c.n == n), key=lambda c: _order(c.curve))
+        known = at_n[0].row.get("known_cases")
+        lines.append(f"#### N = {n}" + (f" ({known} known cases)" if known is not None else ""))
+        if n in before:
+            b = before[n]
+            lines.append(
+                f"Unedited: efficacy {b['efficacy_strict']:.3f} / {b['efficacy_lenient']:.3f}, "
+                f"generalisation {b['generalization_strict']:.3f}, "
+                f"specificity {b['specificity_strict']:.3f} strict / {b['specificity_lenient']:.3f} lenient."
+            )
+        show_known = known is not None and known != n
+        head = ["method", "blocks", "λ", "eff S", "eff L", "gen S", "gen L", "spec S", "spec L"]
+        head += ["known eff S"] if show_known else []
+        head += ["mean leverage", "misalignment"]
+        lines += ["", "| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
+        for c in at_n:
+            values = [METHODS[c.method], c.blocks, _lambda_text(c, capacity)]
+            for key in ("efficacy", "generalization", "specificity"):
+                values += [f"{c.get(key + '_strict'):.3f}", f"{c.get(key + '_lenient'):.3f}"]
+            if show_known:
+                values.append(f"{c.get('known_efficacy_strict'):.3f}")
+            values += [" / ".join(f"{x:.2f}" for x in c.leverage), f"{c.get('misalignment_total'):.1f}"]
+            lines.append("| " + " | ".join(values) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def crossings(cells: list[Cell]) -> str:
+    """Per curve: where strict efficacy falls below 50 %, and the strict efficacy at every N."""
+    sizes = sorted({c.n for c in cells})
+    head = ["method", "blocks", "λ", *(f"N={n}" for n in sizes), "below 50 % strict at"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * len(sizes) + "---|"]
+    for curve, group in sorted(curves(cells).items(), key=lambda kv: _order(kv[0])):
+        by_n = {c.n: c.get("efficacy_strict") for c in group}
+        rates = [f"{by_n[n]:.3f}" if n in by_n else "" for n in sizes]
+        where = crossing([(c.n, c.get("efficacy_strict")) for c in group])
+        values = [METHODS[curve[0]], curve[1], LAMBDAS[curve[2]], *rates, where]
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def plot(cells: list[Cell], folder: Path) -> list[Path]:
+    """efficacy.png (strict efficacy against N, one panel per λ), misalignment.png (against N, per
+    method) and leverage.png (the solve's mean leverage, the capacity report's forecast, against the
+    strict efficacy that followed, every cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    groups = curves(cells)
+
+    fig, axes = plt.subplots(1, len(LAMBDAS), figsize=(15, 4), sharey=True)
+    for ax, (lam, lam_text) in zip(axes, LAMBDAS.items(), strict=True):
+        for (method, blocks, cell_lam), group in sorted(groups.items(), key=lambda kv: _order(kv[0])):
+            if cell_lam != lam:
+                continue
+            ax.plot(
+                [c.n for c in group],
+                [c.get("efficacy_strict") for c in group],
+                "-" if blocks == "3–4" else "--",
+                color=COLORS[method],
+                marker="o",
+                markersize=3,
+                label=f"{METHODS[method]}, block{'s' if blocks == '3–4' else ''} {blocks}",
+            )
+        ax.axhline(THRESHOLD, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("edits N")
+        ax.set_title(f"strict efficacy, {lam_text}")
+    axes[0].set_ylabel("strict efficacy")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M, CounterFact (benches/verdict)", fontsize=10)
+    fig.tight_layout()
+    written.append(folder / "efficacy.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for method in METHODS:
+        # The misalignment is the residuals' against the keys: the same for every λ and block choice.
+        by_n = {c.n: c.get("misalignment_total") for c in cells if c.method == method}
+        if by_n:
+            ns = sorted(by_n)
+            ax.plot(ns, [by_n[n] for n in ns], color=COLORS[method], marker="o", label=METHODS[method])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("edits N")
+    ax.set_title("misalignment total of the residuals")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(folder / "misalignment.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for method in METHODS:
+        for blocks, marker in (("3–4", "o"), ("4", "^")):
+            pts = [
+                (sum(c.leverage) / len(c.leverage), c.get("efficacy_strict"))
+                for c in cells
+                if c.method == method and c.blocks == blocks and c.leverage
+            ]
+            if pts:
+                ax.scatter(
+                    *zip(*pts, strict=True),
+                    color=COLORS[method],
+                    marker=marker,
+                    s=18,
+                    label=f"{METHODS[method]}, block{'s' if blocks == '3–4' else ''} {blocks}",
+                )
+    ax.set_xlabel("mean leverage of the solve (capacity report's forecast)")
+    ax.set_ylabel("strict efficacy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.03, 1.03)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
+    ax.legend(fontsize=7)
+    ax.set_title("forecast against outcome, every cell")
+    fig.tight_layout()
+    written.append(folder / "leverage.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="where cells.sh wrote cells-N.json and capacity-N.json")
+    parser.add_argument("--markdown", action="store_true", help="print one table per N")
+    parser.add_argument("--crossings", action="store_true", help="print where each curve falls below 50 %%")
+    parser.add_argument("--plot", type=Path, help="write efficacy.png, misalignment.png, leverage.png here")
+    args = parser.parse_args()
+    cells, before, capacity = load(args.folder)
+    if args.markdown:
+        print(markdown(cells, before, capacity))
+    if args.crossings:
+        print(crossings(cells))
+    if args.plot:
+        for path in plot(cells, args.plot):
+            print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
