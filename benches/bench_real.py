@@ -14,9 +14,10 @@ once per length from the unedited model — and undone. A variant is ``NAME=METH
 strict and lenient efficacy / generalisation / specificity, fluency (``--fluency``), the misalignment total,
 the edit's seconds and seconds per fact in the residual step, peak memory (RSS; on CUDA the device's peak
 allocation), the mean final loss terms, and — without ``--known-only`` — the same rates over the cases the
-model knew before editing (``known_*``). ``--merge`` adds earlier ``--json``
-outputs, so a long sweep can run in pieces; the ``--json`` file is rewritten after every row, so a run that
-is cut keeps the rows it finished.
+model knew before editing (``known_*``). ``--eval-cases K`` evaluates the first K edited cases, or with
+``--eval-spread`` K cases spread evenly over the N. ``--merge`` adds earlier ``--json`` outputs, so a long
+sweep can run in pieces; the ``--json`` file is rewritten after every row, so a run that is cut keeps the
+rows it finished.
 
 ``--sharing-subjects K`` keeps the cases whose subject has at least K cases in the data (the paper's several
 facts about one subject), grouped by subject.
@@ -108,6 +109,11 @@ def main() -> None:
     parser.add_argument("--set", type=settings, default={}, help="k=v,... for every variant")
     parser.add_argument("--corpus", default="model:1000", help="model:<n>, cases, or a .txt/.jsonl file")
     parser.add_argument("--eval-cases", type=int, default=256, help="evaluate at most this many edited cases")
+    parser.add_argument(
+        "--eval-spread",
+        action="store_true",
+        help="evaluate --eval-cases cases spread evenly over the N edited (default: the first ones)",
+    )
     parser.add_argument("--fluency", action="store_true", help="also measure fluency (slow)")
     parser.add_argument(
         "--residual-store",
@@ -156,7 +162,7 @@ def main() -> None:
             print(f"# skipping N = {n_edits}: only {len(cases)} cases", flush=True)
             continue
         edited = cases[:n_edits]
-        evaluated = edited[: args.eval_cases]
+        evaluated = spread(edited, args.eval_cases) if args.eval_spread else edited[: args.eval_cases]
         if args.corpus == "cases":
             corpus = corpus_texts(n_edits)
         for length, pre in prefixes.items():
@@ -237,6 +243,16 @@ def grouped_by_subject(cases: list[Any]) -> list[Any]:
     for case in cases:
         first.setdefault(case.rewrite.subject.strip(), len(first))
     return sorted(cases, key=lambda case: first[case.rewrite.subject.strip()])
+
+
+def spread(items: list[Any], k: int) -> list[Any]:
+    """At most ``k`` of ``items``, evenly spaced from the first (all of them when ``k`` ≥ their number): a
+    fixed-size sample of an edit whose facts were edited in order (EAMET's later facts align against more
+    residuals than its first ones)."""
+    n = len(items)
+    if k >= n:
+        return list(items)
+    return [items[(i * n) // k] for i in range(k)]
 
 
 def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.Namespace) -> set[Any]:

@@ -10,9 +10,13 @@
 # CASES_DIR: the output of `python benches/verdict_cases.py --out CASES_DIR`; OUT_DIR: where the cells go
 # (cells-N.json, capacity-N.json). Environment: PYTHON (default python3: the working tree's, with eamet
 # installed), EAMET (default eamet), PASSES (the residual passes' JSON, default /tmp/eamet-verdict, as
-# residual_passes.sh writes them), LEVERAGE_TARGET (default 0.5: the capacity report's λ is the largest
-# whose mean leverage per block is still ≥ it; 0.5 is reachable at every N of the sweep, where rank/N
-# caps the leverage at λ = 0), and BENCH_ARGS (more bench_real.py options, e.g. --allow-busy).
+# residual_passes.sh writes them), STORE (default benches/verdict/store), LEVERAGE_TARGET (default 0.5:
+# the capacity report's λ is the largest whose mean leverage per block is still ≥ it; 0.5 is reachable at
+# every N of the sweep, where rank/N caps the leverage at λ = 0), and BENCH_ARGS (more bench_real.py
+# options, e.g. --allow-busy).
+#
+# Each cell evaluates every edited case up to N = 512 and 512 spread evenly over the N above it (a cell's
+# evaluation is ~0.6 s per case on 2 cores: all 2048 would be ~20 min per cell).
 #
 # C for every cell: `model:1000`, the documents SmolLM2 writes itself (cached after the first run), read
 # 1000 at a time; the cells' λ and leverage are on that C.
@@ -20,7 +24,7 @@ set -euo pipefail
 cases=$1 out=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
-store=$here/store
+store=${STORE:-$here/store}
 python=${PYTHON:-python3} eamet=${EAMET:-eamet} passes=${PASSES:-/tmp/eamet-verdict}
 target=${LEVERAGE_TARGET:-0.5}
 mkdir -p "$out"
@@ -73,6 +77,6 @@ print(" ".join(sorted({r["method"] for r in json.load(open(sys.argv[1]))["rows"]
   echo "== cells, N = $n: $((${#variants[@]} / 2)) to run ($(date -u +%FT%TZ))"
   # shellcheck disable=SC2086
   "$python" "$here/../bench_real.py" --model smollm2 --data "$cases/cases.jsonl" --residual-store "$store" \
-    --edits "$n" --prefix-lens 0 --corpus model:1000 "${variants[@]}" "${merge[@]}" \
+    --edits "$n" --prefix-lens 0 --corpus model:1000 --eval-cases 512 --eval-spread "${variants[@]}" "${merge[@]}" \
     --json "$out/cells-$n.json" ${BENCH_ARGS:-}
 done
