@@ -170,6 +170,19 @@ def crossings(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def _label(method: str, blocks: str) -> str:
+    return f"{METHODS[method]}, block{'s' if blocks == '3–4' else ''} {blocks}"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(cells: list[Cell], folder: Path) -> list[Path]:
     """efficacy.png (strict efficacy against N, one panel per λ), misalignment.png (against N, per
     method) and leverage.png (the solve's mean leverage, the capacity report's forecast, against the
@@ -195,7 +208,7 @@ def plot(cells: list[Cell], folder: Path) -> list[Path]:
                 color=COLORS[method],
                 marker="o",
                 markersize=3,
-                label=f"{METHODS[method]}, block{'s' if blocks == '3–4' else ''} {blocks}",
+                label=_label(method, blocks),
             )
         ax.axhline(THRESHOLD, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
@@ -205,10 +218,7 @@ def plot(cells: list[Cell], folder: Path) -> list[Path]:
     axes[0].set_ylabel("strict efficacy")
     axes[-1].legend(fontsize=7)
     fig.suptitle("SmolLM2-135M, CounterFact (benches/verdict)", fontsize=10)
-    fig.tight_layout()
-    written.append(folder / "efficacy.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, folder / "efficacy.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for method in METHODS:
@@ -222,10 +232,7 @@ def plot(cells: list[Cell], folder: Path) -> list[Path]:
     ax.set_xlabel("edits N")
     ax.set_title("misalignment total of the residuals")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(folder / "misalignment.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, folder / "misalignment.png"))
 
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
     for method in METHODS:
@@ -241,7 +248,7 @@ def plot(cells: list[Cell], folder: Path) -> list[Path]:
                     color=COLORS[method],
                     marker=marker,
                     s=18,
-                    label=f"{METHODS[method]}, block{'s' if blocks == '3–4' else ''} {blocks}",
+                    label=_label(method, blocks),
                 )
     ax.set_xlabel("mean leverage of the solve (capacity report's forecast)")
     ax.set_ylabel("strict efficacy")
@@ -250,10 +257,7 @@ def plot(cells: list[Cell], folder: Path) -> list[Path]:
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.legend(fontsize=7)
     ax.set_title("forecast against outcome, every cell")
-    fig.tight_layout()
-    written.append(folder / "leverage.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, folder / "leverage.png"))
     return written
 
 
