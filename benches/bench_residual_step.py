@@ -161,7 +161,7 @@ def editing_order(editor: Any, cases: list[Any], how: str) -> list[int]:
     prompts = PromptSet.build(
         editor.tokens, [c.rewrite for c in cases], editor._templates(), config.fact_token
     )
-    keys = editor._keys(prompts, config.layers[-1], False)[0]
+    keys = editor._keys(prompts, config.layers[-1:], False)[0][config.layers[-1]]
     unit = keys / keys.norm(dim=1, keepdim=True).clamp_min(1e-12)
     k = max(1, -(-n // config.fact_batch))
     generator = torch.Generator().manual_seed(0)

@@ -15,7 +15,7 @@ from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWa
 
 import eamet.edit.keys
 from eamet.base.facts import Fact
-from eamet.edit.keys import PromptSet, collect
+from eamet.edit.keys import PromptSet, collect, collect_layers
 from eamet.model.parts import ModelParts
 from eamet.model.templates import BARE_TEMPLATE, generate_templates, template_weights
 from eamet.model.tokens import TokenAdapter
@@ -92,6 +92,23 @@ def test_collect_matches_naive(family: str, key_layer: int, hidden_layer: int, s
     # The template average differs from the bare key (otherwise the weighting would go untested).
     bare_keys, _ = _naive(model, tokens, rewrite, key_layer, hidden_layer, ["{}"])
     assert not torch.allclose(want_keys, bare_keys, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_collect_layers_is_one_collect_per_layer(family: str, setups: Any) -> None:
+    """Several blocks' keys from one forward are exactly those of one forward per block."""
+    model, tokens, _ = setups[family]
+    parts = ModelParts(model)
+    prompts = PromptSet.build(tokens, FACTS, TEMPLATES, "subject_last")
+    keys, hidden = collect_layers(model, parts, tokens, prompts, key_layers=[0, 2], hidden_layer=1)
+    assert sorted(keys) == [0, 2] and hidden is not None
+    for layer in (0, 2):
+        alone, alone_hidden = collect(model, parts, tokens, prompts, key_layer=layer, hidden_layer=1)
+        assert alone is not None and alone_hidden is not None
+        assert torch.equal(keys[layer], alone) and torch.equal(hidden, alone_hidden)
+    assert not torch.equal(keys[0][:, :8], keys[2][:, :8])
+    with pytest.raises(ValueError, match="key layer or a hidden layer"):
+        collect_layers(model, parts, tokens, prompts, key_layers=[], hidden_layer=None)
 
 
 def test_collect_bare_template_only(setups: Any) -> None:

@@ -97,7 +97,7 @@ def test_every_family_runs_the_cached_prefix_path(family: str, tok: Any, tmp_pat
     editor = make_editor(model, tok, config, tmp_path)
     # Targets of 1 to 3 tokens: the batch pads them.
     prompts = PromptSet.build(editor.tokens, mixed_facts(5), editor._templates(), config.fact_token)
-    keys = editor._keys(prompts, 2, False)[0]
+    keys = editor._keys(prompts, [2], False)[0][2]
     optimizer = ResidualOptimizer(
         model, editor.parts, editor.tokens, config, prompts, KeyNeighborhood.of(keys)
     )

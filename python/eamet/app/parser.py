@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         "capacity",
         help="forecast how much of each fact's residual the update can realise (leverage), before editing",
         description=(
-            "From the keys (one forward per fact and block) and C alone, per edited block: each fact's "
+            "From the keys (one forward per fact for every block) and C alone, per edited block: each fact's "
             "leverage h_i = k_i'(λC + K'K)^-1 k_i (the share of a lone residual the solve realises), "
             "tr(H) against N, and the cosines to each fact's top-M key neighbours. No weight changes."
         ),

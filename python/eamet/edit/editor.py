@@ -36,7 +36,7 @@ from eamet.base.facts import Fact, check_facts, fill
 from eamet.base.settings import SOLVE_SETTINGS, EditConfig, Method
 from eamet.edit.capacity import CapacityReport, capacity_of
 from eamet.edit.corpus import Corpus
-from eamet.edit.keys import PromptSet, collect
+from eamet.edit.keys import PromptSet, collect_layers
 from eamet.edit.moment_collector import SecondMomentCollector
 from eamet.edit.optimizer import ResidualOptimizer
 from eamet.edit.residual_records import FactStats, KeyNeighborhood
@@ -143,7 +143,8 @@ class Editor:
         h_i = k_iᵀ(λC + KᵀK)⁻¹k_i, tr(H) against N, and the top-M key cosines.
 
         Costs what an edit costs before its residual step: the context templates, C (cached), and one
-        template-averaged key forward per fact and block, all on the unedited model; no weight changes.
+        template-averaged forward per fact (every block's keys at once), on the unedited model; no weight
+        changes.
         During an edit, the keys of every block after the first are recomputed on the model as edited
         up to the blocks before it, so the leverage the edit really has (``CapacityReport.of_result``,
         ``LayerUpdate.leverage``) can differ slightly from this forecast for those blocks.
@@ -158,7 +159,7 @@ class Editor:
         with eval_mode(self.model, frozen=True):
             prompts = PromptSet.build(self.tokens, fact_list, self._templates(), cfg.fact_token)
             moments = self.covariance(progress=progress)
-            keys = {layer: self._keys(prompts, layer, progress)[0] for layer in cfg.layers}
+            keys = self._keys(prompts, cfg.layers, progress)[0]
         lambdas = dict(zip(cfg.layers, cfg.mom2_update_weight, strict=True))
         return capacity_of(keys, moments, lambdas, top_m=cfg.top_m, method=cfg.method)
 
@@ -256,8 +257,13 @@ class Editor:
         prompts = PromptSet.build(self.tokens, facts, templates, cfg.fact_token)
         # 2. covariance statistics of every edited layer
         moments = self.covariance(progress=progress)
-        # 3. keys at l* on the unedited model
-        keys = self._keys(prompts, cfg.layers[-1], progress)[0]
+        # 3. keys of the first edited block and of l*, and hidden states at l*, on the unedited model in
+        #    one forward: l*'s neighbourhoods read them, and the first block's update (the blocks between
+        #    are collected when their turn comes: their keys move with the updates before them)
+        ends = sorted({cfg.layers[0], cfg.layers[-1]})
+        unedited, hidden = self._keys(prompts, ends, progress, hidden_layer=cfg.layers[-1])
+        assert hidden is not None
+        keys = unedited[cfg.layers[-1]]
         # 4. residuals
         optimizer = ResidualOptimizer(
             self.model, self.parts, self.tokens, cfg, prompts, KeyNeighborhood.of(keys)
@@ -283,6 +289,7 @@ class Editor:
             moments,
             model_print,
             progress,
+            first=(unedited[cfg.layers[0]], hidden),
         )
 
     def _apply(
@@ -298,10 +305,12 @@ class Editor:
         moments: dict[int, torch.Tensor],
         model_print: str,
         progress: bool,
+        first: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> EditResult:
         """Solves and applies every layer's update for (N, d) ``targets`` z at l* and returns the applied
-        result (the weights are restored if anything here fails)."""
-        updates, records, snapshot = self._update(cfg, prompts, targets, moments, progress)
+        result (the weights are restored if anything here fails). ``first``: the first block's keys and
+        the hidden states at l* on the unedited weights, if already collected."""
+        updates, records, snapshot = self._update(cfg, prompts, targets, moments, progress, first)
         with snapshot:  # a failure while the result is assembled puts the weights back too
             scores = score_targets(
                 self.model, self.tokens, [fill(f.prompt, f.subject) for f in facts], [f.target for f in facts]
@@ -375,15 +384,9 @@ class Editor:
         with eval_mode(self.model, frozen=True):
             prompts = PromptSet.build(self.tokens, result.facts, result.templates, cfg.fact_token)
             moments = self._covariance(list(cfg.layers), cfg, chosen, progress)
-            hidden = collect(
-                self.model,
-                self.parts,
-                self.tokens,
-                prompts,
-                key_layer=None,
-                hidden_layer=cfg.layers[-1],
-                batch_size=cfg.key_batch_size,
-            )[1]
+            first_keys, hidden = self._keys(
+                prompts, cfg.layers[:1], progress, hidden_layer=cfg.layers[-1], config=cfg
+            )
             assert hidden is not None
             deltas = result.deltas.to(hidden.device, torch.float32)
             resolved = self._apply(
@@ -398,6 +401,7 @@ class Editor:
                 moments,
                 result.model_fingerprint or model_fingerprint(self.model, self.parts),
                 progress,
+                first=(first_keys[cfg.layers[0]], hidden),
             )
         _warn_not_landed(resolved)
         return resolved
@@ -439,24 +443,23 @@ class Editor:
     def _keys(
         self,
         prompts: PromptSet,
-        layer: int,
+        layers: Sequence[int],
         progress: bool,
         hidden_layer: int | None = None,
         config: EditConfig | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N, d_ff) keys at ``layer`` and, if asked, (N, d) hidden states at ``hidden_layer``."""
-        keys, hidden = collect(
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """(N, d_ff) keys at each of ``layers`` (one forward) and, if asked, (N, d) hidden states at
+        ``hidden_layer``."""
+        return collect_layers(
             self.model,
             self.parts,
             self.tokens,
             prompts,
-            key_layer=layer,
+            key_layers=layers,
             hidden_layer=hidden_layer,
             batch_size=(config or self.config).key_batch_size,
             progress=progress,
         )
-        assert keys is not None
-        return keys, hidden
 
     def _update(
         self,
@@ -465,18 +468,27 @@ class Editor:
         targets: torch.Tensor,
         moments: dict[int, torch.Tensor],
         progress: bool,
+        first: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[list[LayerUpdate], list[WeightRecord], WeightSnapshot]:
         """Solves and applies every layer's update towards the (N, d) ``targets`` z at l*; returns the
         updates, the weights' records and the snapshot of the weights from before (restored if anything
-        here fails)."""
+        here fails). Each block's keys, and the hidden states at l*, are collected on the weights as
+        updated so far; for the first block that is the unedited model, so ``first`` (its keys and the
+        hidden states, collected before) stands in for that forward."""
         parts = self.parts
         l_star, m = cfg.layers[-1], len(cfg.layers)
         records = [WeightRecord.of(parts, layer) for layer in cfg.layers]
         updates: list[LayerUpdate] = []
         with WeightSnapshot(parts, cfg.layers) as snapshot:
             for j, layer in enumerate(cfg.layers):
-                keys, hidden = self._keys(prompts, layer, progress, hidden_layer=l_star, config=cfg)
-                assert hidden is not None
+                if j == 0 and first is not None:
+                    keys, hidden = first
+                else:
+                    layer_keys, collected = self._keys(
+                        prompts, [layer], progress, hidden_layer=l_star, config=cfg
+                    )
+                    assert collected is not None
+                    keys, hidden = layer_keys[layer], collected
                 # Each layer takes an equal share of the gap still left at l* (the last layer takes the rest).
                 shares = (targets - hidden) / (m - j)
                 solved = solve_layer(

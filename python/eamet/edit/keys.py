@@ -24,7 +24,7 @@ from eamet.model.parts import ModelParts
 from eamet.model.templates import template_weights
 from eamet.model.tokens import Encoded, TokenAdapter
 
-__all__ = ["PromptSet", "collect"]
+__all__ = ["PromptSet", "collect", "collect_layers"]
 
 
 @dataclass
@@ -67,7 +67,6 @@ def _templated(template: str, fact: Fact) -> str:
     return template.replace(SUBJECT_SLOT, fact.prompt, 1)
 
 
-@torch.no_grad()
 def collect(
     model: nn.Module,
     parts: ModelParts,
@@ -87,16 +86,52 @@ def collect(
         ``hidden_layer``'s output at the fact token of the bare prompt (``None`` if not asked).
         Both on the model's device.
     """
+    layers = () if key_layer is None else (key_layer,)
+    keys, hidden = collect_layers(
+        model,
+        parts,
+        tokens,
+        prompts,
+        key_layers=layers,
+        hidden_layer=hidden_layer,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return (None if key_layer is None else keys[key_layer]), hidden
+
+
+@torch.no_grad()
+def collect_layers(
+    model: nn.Module,
+    parts: ModelParts,
+    tokens: TokenAdapter,
+    prompts: PromptSet,
+    *,
+    key_layers: Sequence[int],
+    hidden_layer: int | None,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """:func:`collect` for several blocks at once: one forward per batch, up to the deepest block asked
+    for, gives the keys of every block in ``key_layers`` (the same numbers as one :func:`collect` per
+    block on the same weights).
+
+    Returns:
+        ``(keys, hidden)``: keys ``{layer: (N, d_ff) float32}`` for each of ``key_layers``; hidden (N, d)
+        float32 at ``hidden_layer`` (``None`` if not asked). On the model's device.
+    """
+    if not key_layers and hidden_layer is None:
+        raise ValueError("collect_layers needs a key layer or a hidden layer")
     device = parts.device
     n = len(prompts.facts)
-    templates = range(len(prompts.templates)) if key_layer is not None else range(1)
+    templates = range(len(prompts.templates)) if key_layers else range(1)
     items = [(i, t) for i in range(n) for t in templates]
     lengths = [len(prompts.encoded[i][t].ids) for i, t in items]
-    keys = torch.zeros((n, parts.key_dim(key_layer)), device=device) if key_layer is not None else None
+    keys = {layer: torch.zeros((n, parts.key_dim(layer)), device=device) for layer in key_layers}
     hidden = torch.zeros((n, 0), device=device) if hidden_layer is not None else None
-    watch_in = {"key": parts.rewrite(key_layer)} if key_layer is not None else {}
+    watch_in = {f"key{layer}": parts.rewrite(layer) for layer in key_layers}
     watch_out = {"hidden": parts.block(hidden_layer)} if hidden_layer is not None else {}
-    deepest = max(x for x in (key_layer, hidden_layer) if x is not None)
+    deepest = max([*key_layers, *([] if hidden_layer is None else [hidden_layer])])
     store: dict[str, torch.Tensor] = {}
     weights = torch.tensor(prompts.weights, device=device)
     batches = list(length_sorted_batches(lengths, batch_size))
@@ -114,10 +149,9 @@ def collect(
             pos = torch.tensor([e.fact_index for e in enc], device=device)
             fact_ids = torch.tensor([i for i, _ in sel], device=device)
             t_ids = torch.tensor([t for _, t in sel], device=device)
-            if keys is not None:
-                key_in = by_position(store["key"], *inputs["input_ids"].shape)
-                k = key_in[rows, pos].float() * weights[t_ids, None]
-                keys.index_add_(0, fact_ids, k)
+            for layer, layer_keys in keys.items():
+                key_in = by_position(store[f"key{layer}"], *inputs["input_ids"].shape)
+                layer_keys.index_add_(0, fact_ids, key_in[rows, pos].float() * weights[t_ids, None])
             if hidden is not None:
                 h = store["hidden"][rows, pos].float()
                 if hidden.shape[1] == 0:
