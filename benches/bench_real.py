@@ -143,6 +143,13 @@ def main() -> None:
     tokens = TokenAdapter(tokenizer)
     prefixes = {n: evaluation_prefixes(model, tokens, n, seed=0) for n in args.prefix_lens}
     rows: list[dict[str, Any]] = []
+    # Rows before editing of earlier outputs (--merge) that evaluated the same cases: not measured again.
+    earlier_before = {
+        (r["edits"], r["prefix_len"], r.get("evaluated"), r.get("eval_spread")): r
+        for path in args.merge
+        for r in json.loads(Path(path).read_text())["rows"]
+        if r["method"] == "before"
+    }
     columns = (*header_columns(), *EXTRA)
     print(header(columns), flush=True)
     command = "python " + " ".join(sys.argv)
@@ -165,8 +172,14 @@ def main() -> None:
         evaluated = spread(edited, args.eval_cases) if args.eval_spread else edited[: args.eval_cases]
         if args.corpus == "cases":
             corpus = corpus_texts(n_edits)
+        # Which cases were evaluated: how many, and whether spread over the N (moot when all were).
+        sample = {"evaluated": len(evaluated), "eval_spread": args.eval_spread and len(evaluated) < n_edits}
         for length, pre in prefixes.items():
-            record(measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before"))
+            if (n_edits, length, *sample.values()) in earlier_before:
+                print(f"# N = {n_edits}, prefix {length}: unedited row from the merged output", flush=True)
+                continue
+            row = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before")
+            record({**row, **sample})
         for name, method, overrides in variants:
             config = base_config(model, method)
             if args.corpus == "cases":  # short texts: read as many as the demo does (app/demo.py)
@@ -185,7 +198,7 @@ def main() -> None:
                 extra = edit_record(result, time.perf_counter() - began, config)
                 for length, pre in prefixes.items():
                     row = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, name)
-                    record({**row, **extra})
+                    record({**row, **sample, **extra})
             finally:
                 result.undo()
     print(f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}")
