@@ -12,8 +12,9 @@
 # installed), EAMET (default eamet), PASSES (the residual passes' JSON, default /tmp/eamet-verdict, as
 # residual_passes.sh writes them), STORE (default benches/verdict/store), LEVERAGE_TARGET (default 0.5:
 # the capacity report's λ is the largest whose mean leverage per block is still ≥ it; 0.5 is reachable at
-# every N of the sweep, where rank/N caps the leverage at λ = 0), and BENCH_ARGS (more bench_real.py
-# options, e.g. --allow-busy).
+# every N of the sweep, where rank/N caps the leverage at λ = 0), CELLS (a regular expression: run only
+# the cells whose names match, e.g. 'gated-.*'), and BENCH_ARGS (more bench_real.py options, e.g.
+# --allow-busy).
 #
 # Each cell evaluates every edited case up to N = 512 and 512 spread evenly over the N above it (a cell's
 # evaluation is ~0.6 s per case on 2 cores: all 2048 would be ~20 min per cell).
@@ -59,6 +60,7 @@ print(" ".join(sorted({r["method"] for r in json.load(open(sys.argv[1]))["rows"]
   fi
   add() {  # NAME PASS METHOD[:settings]: a cell, if PASS has reached N and the cell is not done yet
     if [[ " $done_cells " == *" $1 "* ]]; then return 0; fi
+    [[ "$1" =~ ^(${CELLS:-.*})$ ]] || return 0
     if stored_to "$2" "$n"; then variants+=(--variant "$1=$3"); else echo "# $1: $2 has not reached N = $n"; fi
   }
   for lam in 558.1 2093.0 cap; do
