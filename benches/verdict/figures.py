@@ -131,7 +131,9 @@ def markdown(
     for n in sorted({c.n for c in cells}):
         at_n = sorted((c for c in cells if c.n == n), key=lambda c: _order(c.curve))
         known = at_n[0].row.get("known_cases")
-        lines.append(f"#### N = {n}" + (f" ({known} known cases)" if known is not None else ""))
+        evaluated = at_n[0].row.get("evaluated", n)
+        sample = f"{evaluated} of {n} cases evaluated, spread" if evaluated < n else "all cases evaluated"
+        lines.append(f"#### N = {n} ({sample}" + (f"; {known} of them known)" if known is not None else ")"))
         if n in before:
             b = before[n]
             lines.append(
