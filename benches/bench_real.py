@@ -145,7 +145,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     # Rows before editing of earlier outputs (--merge) that evaluated the same cases: not measured again.
     earlier_before = {
-        (r["edits"], r["prefix_len"], r.get("evaluated"), r.get("eval_spread")): r
+        (r["edits"], r["prefix_len"], r.get("evaluated"), r.get("eval_spread"))
         for path in args.merge
         for r in json.loads(Path(path).read_text())["rows"]
         if r["method"] == "before"
