@@ -15,9 +15,11 @@ strict and lenient efficacy / generalisation / specificity, fluency (``--fluency
 the edit's seconds and seconds per fact in the residual step, peak memory (RSS; on CUDA the device's peak
 allocation), the mean final loss terms, and — without ``--known-only`` — the same rates over the cases the
 model knew before editing (``known_*``). ``--eval-cases K`` evaluates the first K edited cases, or with
-``--eval-spread`` K cases spread evenly over the N. ``--merge`` adds earlier ``--json`` outputs, so a long
-sweep can run in pieces; the ``--json`` file is rewritten after every row, so a run that is cut keeps the
-rows it finished.
+``--eval-spread`` K cases spread evenly over the N. Each edited row also keeps, per evaluated case, what
+could predict its failure beside whether it failed (``per_case``: strict efficacy, the fact's misalignment
+score, each block's leverage and fit error; ``benches/verdict/figures.py --predictors`` reads them).
+``--merge`` adds earlier ``--json`` outputs, so a long sweep can run in pieces; the ``--json`` file is
+rewritten after every row, so a run that is cut keeps the rows it finished.
 
 ``--sharing-subjects K`` keeps the cases whose subject has at least K cases in the data (the paper's several
 facts about one subject), grouped by subject.
@@ -169,7 +171,10 @@ def main() -> None:
             print(f"# skipping N = {n_edits}: only {len(cases)} cases", flush=True)
             continue
         edited = cases[:n_edits]
-        evaluated = spread(edited, args.eval_cases) if args.eval_spread else edited[: args.eval_cases]
+        picked = (
+            spread(n_edits, args.eval_cases) if args.eval_spread else range(min(n_edits, args.eval_cases))
+        )
+        evaluated = [edited[i] for i in picked]
         if args.corpus == "cases":
             corpus = corpus_texts(n_edits)
         # Which cases were evaluated: how many, and whether spread over the N (moot when all were).
@@ -178,7 +183,7 @@ def main() -> None:
             if (n_edits, length, *sample.values()) in earlier_before:
                 print(f"# N = {n_edits}, prefix {length}: unedited row from the merged output", flush=True)
                 continue
-            row = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before")
+            row, _ = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, "before")
             record({**row, **sample})
         for name, method, overrides in variants:
             config = base_config(model, method)
@@ -197,8 +202,10 @@ def main() -> None:
             try:
                 extra = edit_record(result, time.perf_counter() - began, config)
                 for length, pre in prefixes.items():
-                    row = measure(model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, name)
-                    record({**row, **sample, **extra})
+                    row, report = measure(
+                        model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, name
+                    )
+                    record({**row, **sample, **extra, "per_case": per_case(result, report, picked)})
             finally:
                 result.undo()
     print(f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}")
@@ -258,14 +265,13 @@ def grouped_by_subject(cases: list[Any]) -> list[Any]:
     return sorted(cases, key=lambda case: first[case.rewrite.subject.strip()])
 
 
-def spread(items: list[Any], k: int) -> list[Any]:
-    """At most ``k`` of ``items``, evenly spaced from the first (all of them when ``k`` ≥ their number): a
-    fixed-size sample of an edit whose facts were edited in order (EAMET's later facts align against more
+def spread(n: int, k: int) -> list[int]:
+    """At most ``k`` of the indices ``0..n-1``, evenly spaced from the first (all of them when ``k`` ≥ ``n``):
+    a fixed-size sample of an edit whose facts were edited in order (EAMET's later facts align against more
     residuals than its first ones)."""
-    n = len(items)
     if k >= n:
-        return list(items)
-    return [items[(i * n) // k] for i in range(k)]
+        return list(range(n))
+    return [(i * n) // k for i in range(k)]
 
 
 def known_case_ids(model: Any, tokenizer: Any, cases: list[Any], args: argparse.Namespace) -> set[Any]:
@@ -301,7 +307,8 @@ def measure(
     args: argparse.Namespace,
     n_edits: int,
     name: str,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
+    """One row of rates for ``cases`` on the model as it is now, and the evaluation report it came from."""
     began = time.perf_counter()
     report = evaluate(
         model, tokenizer, cases, prefixes=prefixes, prefix_len=length, fluency=args.fluency, progress=False
@@ -314,7 +321,30 @@ def measure(
         for key in RATE_KEYS:
             values = [r[key] for r in rows if r[key] is not None]
             row[f"known_{key}"] = sum(values) / len(values) if values else None
-    return row
+    return row, report
+
+
+def per_case(result: Any, report: Any, picked: Any) -> dict[str, Any]:
+    """Per evaluated case (``picked``: their indices in the edit), whether it failed and what could have
+    predicted it: ``index``, ``efficacy_strict`` (1/0, None when not measured), ``misalignment`` (the fact's
+    A(i), None without a report), ``leverage`` and ``fit_error`` per block (the solve's share of the residual
+    and how far the update missed it)."""
+
+    def rounded(values: Any) -> list[float]:
+        return [float(f"{float(values[i]):.4g}") for i in picked]
+
+    scores = result.misalignment.scores if result.misalignment is not None else None
+    return {
+        "index": list(picked),
+        "efficacy_strict": [r["efficacy_strict"] for r in report.per_record],
+        "misalignment": rounded(scores) if scores is not None else None,
+        "leverage": {
+            str(u.layer): rounded(u.leverage.double()) for u in result.updates if u.leverage.numel()
+        },
+        "fit_error": {
+            str(u.layer): rounded(u.fit_error.double()) for u in result.updates if u.fit_error.numel()
+        },
+    }
 
 
 def edit_record(result: Any, seconds: float, config: EditConfig) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
     python benches/verdict/figures.py docs/verdict --markdown            # one table per N
     python benches/verdict/figures.py docs/verdict --crossings           # where each curve falls below 50 %
+    python benches/verdict/figures.py docs/verdict --gaps                # the gap: λ's share, alignment's
+    python benches/verdict/figures.py docs/verdict --predictors          # what predicts which facts fail
     python benches/verdict/figures.py docs/verdict --plot docs/verdict   # efficacy.png, misalignment.png,
                                                                          # leverage.png
 
@@ -172,6 +174,80 @@ def crossings(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def gaps(cells: list[Cell]) -> str:
+    """Per N and block choice, strict efficacy split into what λ does and what the alignment does.
+
+    The reference's MEMIT preset is λ 2093 and eamet's EAMET preset λ 558, so their difference (gated −
+    MEMIT at the presets) is the λ effect (MEMIT at 558 − MEMIT at 2093) plus the alignment effect at λ 558
+    (gated − MEMIT, both at 558); the alignment effect at λ 2093 says whether it holds at the other λ."""
+    at: dict[tuple[int, str, str, str], float] = {
+        (c.n, c.blocks, c.method, c.lam): c.get("efficacy_strict") for c in cells
+    }
+    head = [
+        "N",
+        "blocks",
+        "MEMIT λ 2093",
+        "gated λ 558",
+        "gap",
+        "= λ effect",
+        "+ alignment at 558",
+        "alignment at 2093",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|" + "---:|" * (len(head) - 2)]
+    for n, blocks in sorted({(c.n, c.blocks) for c in cells}, key=lambda k: (k[0], k[1] != "3–4")):
+        memit_hi, memit_lo, gated_lo, gated_hi = (
+            at.get((n, blocks, m, lam), math.nan)
+            for m, lam in (("memit", "2093.0"), ("memit", "558.1"), ("gated", "558.1"), ("gated", "2093.0"))
+        )
+        values = [gated_lo - memit_hi, memit_lo - memit_hi, gated_lo - memit_lo, gated_hi - memit_hi]
+        lines.append(
+            f"| {n} | {blocks} | {memit_hi:.3f} | {gated_lo:.3f} | "
+            + " | ".join(f"{v:+.3f}" for v in values)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def auc(scores: Sequence[float], failed: Sequence[bool]) -> float:
+    """The chance that a failed fact scores above a landed one (ties count half): 0.5 is no information, 1 a
+    perfect predictor of failure. NaN when every fact failed or none did."""
+    import numpy as np
+
+    x = np.asarray(scores, dtype=np.float64)
+    bad = np.asarray(failed, dtype=bool)
+    if bad.all() or not bad.any():
+        return math.nan
+    hi, lo = x[bad][:, None], x[~bad][None, :]
+    return float(((hi > lo).sum() + 0.5 * (hi == lo).sum()) / (hi.size * lo.size))
+
+
+def predictors(cells: list[Cell]) -> str:
+    """Per cell that kept its ``per_case`` record: how well each fact's misalignment score A(i), its
+    leverage (lower: more of the residual left unrealised; the smallest over the blocks) and its fit error
+    (the largest) tell which facts fail strict efficacy, as an AUC."""
+    head = ["N", "method", "blocks", "λ", "failed", "AUC misalignment", "AUC 1 − leverage", "AUC fit error"]
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---|---:|---:|---:|---:|"]
+    for c in sorted(cells, key=lambda c: (c.n, _order(c.curve))):
+        case = c.row.get("per_case")
+        if not case:
+            continue
+        kept = [i for i, e in enumerate(case["efficacy_strict"]) if e is not None]
+        failed = [case["efficacy_strict"][i] < 1.0 for i in kept]
+        leverage = list(zip(*case["leverage"].values(), strict=True)) if case["leverage"] else []
+        fit = list(zip(*case["fit_error"].values(), strict=True)) if case["fit_error"] else []
+        values = [
+            auc([case["misalignment"][i] for i in kept], failed) if case["misalignment"] else math.nan,
+            auc([1.0 - min(leverage[i]) for i in kept], failed) if leverage else math.nan,
+            auc([max(fit[i]) for i in kept], failed) if fit else math.nan,
+        ]
+        lines.append(
+            f"| {c.n} | {METHODS[c.method]} | {c.blocks} | {LAMBDAS[c.lam]} | {sum(failed)}/{len(failed)} | "
+            + " | ".join(f"{v:.2f}" for v in values)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def _label(method: str, blocks: str) -> str:
     return f"{METHODS[method]}, block{'s' if blocks == '3–4' else ''} {blocks}"
 
@@ -268,6 +344,8 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="where cells.sh wrote cells-N.json and capacity-N.json")
     parser.add_argument("--markdown", action="store_true", help="print one table per N")
     parser.add_argument("--crossings", action="store_true", help="print where each curve falls below 50 %%")
+    parser.add_argument("--gaps", action="store_true", help="print the gap split into λ and alignment")
+    parser.add_argument("--predictors", action="store_true", help="print what predicts the failed facts")
     parser.add_argument("--plot", type=Path, help="write efficacy.png, misalignment.png, leverage.png here")
     args = parser.parse_args()
     cells, before, capacity = load(args.folder)
@@ -275,6 +353,10 @@ def main() -> None:
         print(markdown(cells, before, capacity))
     if args.crossings:
         print(crossings(cells))
+    if args.gaps:
+        print(gaps(cells))
+    if args.predictors:
+        print(predictors(cells))
     if args.plot:
         for path in plot(cells, args.plot):
             print(f"wrote {path}")
