@@ -17,9 +17,9 @@ allocation), the mean final loss terms, and — without ``--known-only`` — the
 model knew before editing (``known_*``). ``--eval-cases K`` evaluates the first K edited cases, or with
 ``--eval-spread`` K cases spread evenly over the N. Each edited row also keeps, per evaluated case, what
 could predict its failure beside whether it failed (``per_case``: strict efficacy, the fact's misalignment
-score, each block's leverage and fit error; ``benches/verdict/figures.py --predictors`` reads them).
-``--merge`` adds earlier ``--json`` outputs, so a long sweep can run in pieces; the ``--json`` file is
-rewritten after every row, so a run that is cut keeps the rows it finished.
+score, each block's leverage and fit error, the residual step's NLL; ``benches/verdict/figures.py
+--predictors`` reads them). ``--merge`` adds earlier ``--json`` outputs, so a long sweep can run in
+pieces; the ``--json`` file is rewritten after every row, so a run that is cut keeps the rows it finished.
 
 ``--sharing-subjects K`` keeps the cases whose subject has at least K cases in the data (the paper's several
 facts about one subject), grouped by subject.
@@ -328,7 +328,7 @@ def per_case(result: Any, report: Any, picked: Any) -> dict[str, Any]:
     """Per evaluated case (``picked``: their indices in the edit), whether it failed and what could have
     predicted it: ``index``, ``efficacy_strict`` (1/0, None when not measured), ``misalignment`` (the fact's
     A(i), None without a report), ``leverage`` and ``fit_error`` per block (the solve's share of the residual
-    and how far the update missed it)."""
+    and how far the update missed it), ``residual_nll`` (the residual step's final NLL)."""
 
     def rounded(values: Any) -> list[float]:
         return [float(f"{float(values[i]):.4g}") for i in picked]

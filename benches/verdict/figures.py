@@ -221,30 +221,72 @@ def auc(scores: Sequence[float], failed: Sequence[bool]) -> float:
     return float(((hi > lo).sum() + 0.5 * (hi == lo).sum()) / (hi.size * lo.size))
 
 
-def predictors(cells: list[Cell]) -> str:
-    """Per cell that kept its ``per_case`` record: how well each fact's misalignment score A(i), its
-    leverage (lower: more of the residual left unrealised; the smallest over the blocks) and its fit error
-    (the largest) tell which facts fail strict efficacy, as an AUC."""
-    head = ["N", "method", "blocks", "λ", "failed", "AUC misalignment", "AUC 1 − leverage", "AUC fit error"]
-    lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---|---:|---:|---:|---:|"]
-    for c in sorted(cells, key=lambda c: (c.n, _order(c.curve))):
-        case = c.row.get("per_case")
-        if not case:
-            continue
-        kept = [i for i, e in enumerate(case["efficacy_strict"]) if e is not None]
-        failed = [case["efficacy_strict"][i] < 1.0 for i in kept]
-        leverage = list(zip(*case["leverage"].values(), strict=True)) if case["leverage"] else []
-        fit = list(zip(*case["fit_error"].values(), strict=True)) if case["fit_error"] else []
-        values = [
-            auc([case["misalignment"][i] for i in kept], failed) if case["misalignment"] else math.nan,
-            auc([1.0 - min(leverage[i]) for i in kept], failed) if leverage else math.nan,
-            auc([max(fit[i]) for i in kept], failed) if fit else math.nan,
-        ]
-        lines.append(
-            f"| {c.n} | {METHODS[c.method]} | {c.blocks} | {LAMBDAS[c.lam]} | {sum(failed)}/{len(failed)} | "
-            + " | ".join(f"{v:.2f}" for v in values)
-            + " |"
-        )
+def case_record_of_edit(path: Path) -> dict[str, Any]:
+    """An eamet edit file (``eamet edit --out``, e.g. a residual pass's) as a ``per_case`` record of all its
+    facts, a fact failing when it did not land (the edit's own strict check at the bare prompt)."""
+    from eamet.edit.results import EditResult
+
+    result = EditResult.load(path)
+    if not result.outcomes:
+        raise SystemExit(f"{path}: the edit recorded no outcomes (edited with check_landed off?)")
+
+    def listed(values: Any) -> list[float]:
+        return [float(v) for v in values]
+
+    return {
+        "index": list(range(len(result.outcomes))),
+        "efficacy_strict": [float(o.landed) for o in result.outcomes],
+        "misalignment": listed(result.misalignment.scores) if result.misalignment is not None else None,
+        "leverage": {str(u.layer): listed(u.leverage.double()) for u in result.updates if u.leverage.numel()},
+        "fit_error": {
+            str(u.layer): listed(u.fit_error.double()) for u in result.updates if u.fit_error.numel()
+        },
+        "residual_nll": [o.residual_nll for o in result.outcomes],
+    }
+
+
+PREDICTORS = ("misalignment A(i)", "1 − leverage", "fit error", "residual NLL")
+
+
+def predictor_aucs(case: dict[str, Any]) -> tuple[int, int, list[float]]:
+    """How many of a ``per_case`` record's evaluated facts failed, of how many, and the AUC of each of
+    :data:`PREDICTORS` for those failures (NaN where the record lacks it): the fact's misalignment score,
+    its leverage (lower: more of its residual left unrealised; the smallest over the blocks), its fit error
+    (the largest over the blocks) and the residual step's final NLL (the residual never made the edit)."""
+    kept = [i for i, e in enumerate(case["efficacy_strict"]) if e is not None]
+    failed = [case["efficacy_strict"][i] < 1.0 for i in kept]
+
+    def over_blocks(key: str, pick: Any) -> list[float] | None:
+        by_block = case.get(key) or {}
+        return [pick(values) for values in zip(*by_block.values(), strict=True)] if by_block else None
+
+    scores = [
+        case.get("misalignment"),
+        [1.0 - x for x in over_blocks("leverage", min) or []] or None,
+        over_blocks("fit_error", max),
+        case.get("residual_nll"),
+    ]
+    aucs = [auc([s[i] for i in kept], failed) if s else math.nan for s in scores]
+    return sum(failed), len(failed), aucs
+
+
+def predictors(cells: list[Cell], edits: Sequence[Path] = ()) -> str:
+    """Per cell that kept its ``per_case`` record, and per edit file in ``edits``: how well each of
+    :data:`PREDICTORS` tells which facts failed strict efficacy, as an AUC (the chance that a failed fact
+    scores above a landed one: 0.5 is no information, 1 a perfect predictor)."""
+    head = ["N", "edit", "failed", *(f"AUC {p}" for p in PREDICTORS)]
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|---:|" + "---:|" * len(PREDICTORS)]
+    rows = [
+        (c.n, f"{METHODS[c.method]}, blocks {c.blocks}, {LAMBDAS[c.lam]}", c.row["per_case"])
+        for c in sorted(cells, key=lambda c: (c.n, _order(c.curve)))
+        if c.row.get("per_case")
+    ]
+    for path in edits:
+        case = case_record_of_edit(path)
+        rows.append((len(case["index"]), f"{path.stem} (edit file: landed or not)", case))
+    for n, name, case in rows:
+        failed, total, aucs = predictor_aucs(case)
+        lines.append(f"| {n} | {name} | {failed}/{total} | " + " | ".join(f"{v:.2f}" for v in aucs) + " |")
     return "\n".join(lines)
 
 
@@ -346,6 +388,13 @@ def main() -> None:
     parser.add_argument("--crossings", action="store_true", help="print where each curve falls below 50 %%")
     parser.add_argument("--gaps", action="store_true", help="print the gap split into λ and alignment")
     parser.add_argument("--predictors", action="store_true", help="print what predicts the failed facts")
+    parser.add_argument(
+        "--edit-file",
+        type=Path,
+        action="append",
+        default=[],
+        help="with --predictors: an eamet edit file (e.g. a residual pass's) to add, every fact of it",
+    )
     parser.add_argument("--plot", type=Path, help="write efficacy.png, misalignment.png, leverage.png here")
     args = parser.parse_args()
     cells, before, capacity = load(args.folder)
@@ -356,7 +405,7 @@ def main() -> None:
     if args.gaps:
         print(gaps(cells))
     if args.predictors:
-        print(predictors(cells))
+        print(predictors(cells, args.edit_file))
     if args.plot:
         for path in plot(cells, args.plot):
             print(f"wrote {path}")
