@@ -344,6 +344,7 @@ def per_case(result: Any, report: Any, picked: Any) -> dict[str, Any]:
         "fit_error": {
             str(u.layer): rounded(u.fit_error.double()) for u in result.updates if u.fit_error.numel()
         },
+        "residual_nll": rounded([s.nll for s in result.stats]),
     }
 
 
