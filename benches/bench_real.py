@@ -201,11 +201,13 @@ def main() -> None:
             )
             try:
                 extra = edit_record(result, time.perf_counter() - began, config)
+                signals = fact_signals(result, picked)  # the same for every prefix length
                 for length, pre in prefixes.items():
                     row, report = measure(
                         model, tokenizer, evaluated, pre, length, known_ids, args, n_edits, name
                     )
-                    record({**row, **sample, **extra, "per_case": per_case(result, report, picked)})
+                    strict = [r["efficacy_strict"] for r in report.per_record]
+                    record({**row, **sample, **extra, "per_case": {**signals, "efficacy_strict": strict}})
             finally:
                 result.undo()
     print(f"# {command}\n# {platform.processor() or platform.machine()}, torch {torch.__version__}")
@@ -324,27 +326,27 @@ def measure(
     return row, report
 
 
-def per_case(result: Any, report: Any, picked: Any) -> dict[str, Any]:
-    """Per evaluated case (``picked``: their indices in the edit), whether it failed and what could have
-    predicted it: ``index``, ``efficacy_strict`` (1/0, None when not measured), ``misalignment`` (the fact's
-    A(i), None without a report), ``leverage`` and ``fit_error`` per block (the solve's share of the residual
-    and how far the update missed it), ``residual_nll`` (the residual step's final NLL)."""
+def fact_signals(result: Any, picked: Any, digits: int | None = 4) -> dict[str, Any]:
+    """What could predict each picked fact's failure (``picked``: indices in the edit), as a ``per_case``
+    record holds it: ``index``, ``misalignment`` (the fact's A(i), None without a report), ``leverage`` and
+    ``fit_error`` per block (the solve's share of the residual and how far the update missed it),
+    ``residual_nll`` (the residual step's final NLL); values to ``digits`` significant digits (None: as
+    they are). ``benches/verdict/figures.py`` reads the same record from edit files."""
 
-    def rounded(values: Any) -> list[float]:
-        return [float(f"{float(values[i]):.4g}") for i in picked]
+    def values_at(values: Any) -> list[float]:
+        return [float(f"{float(values[i]):.{digits}g}") if digits else float(values[i]) for i in picked]
 
     scores = result.misalignment.scores if result.misalignment is not None else None
     return {
         "index": list(picked),
-        "efficacy_strict": [r["efficacy_strict"] for r in report.per_record],
-        "misalignment": rounded(scores) if scores is not None else None,
+        "misalignment": values_at(scores) if scores is not None else None,
         "leverage": {
-            str(u.layer): rounded(u.leverage.double()) for u in result.updates if u.leverage.numel()
+            str(u.layer): values_at(u.leverage.double()) for u in result.updates if u.leverage.numel()
         },
         "fit_error": {
-            str(u.layer): rounded(u.fit_error.double()) for u in result.updates if u.fit_error.numel()
+            str(u.layer): values_at(u.fit_error.double()) for u in result.updates if u.fit_error.numel()
         },
-        "residual_nll": rounded([s.nll for s in result.stats]),
+        "residual_nll": values_at([s.nll for s in result.stats]),
     }
 
 

@@ -223,26 +223,20 @@ def auc(scores: Sequence[float], failed: Sequence[bool]) -> float:
 
 def case_record_of_edit(path: Path) -> dict[str, Any]:
     """An eamet edit file (``eamet edit --out``, e.g. a residual pass's) as a ``per_case`` record of all its
-    facts, a fact failing when it did not land (the edit's own strict check at the bare prompt)."""
+    facts (bench_real's ``fact_signals``, at full precision), a fact failing when it did not land (the
+    edit's own strict check at the bare prompt)."""
+    import sys
+
     from eamet.edit.results import EditResult
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benches/, where bench_real lives
+    from bench_real import fact_signals
 
     result = EditResult.load(path)
     if not result.outcomes:
         raise SystemExit(f"{path}: the edit recorded no outcomes (edited with check_landed off?)")
-
-    def listed(values: Any) -> list[float]:
-        return [float(v) for v in values]
-
-    return {
-        "index": list(range(len(result.outcomes))),
-        "efficacy_strict": [float(o.landed) for o in result.outcomes],
-        "misalignment": listed(result.misalignment.scores) if result.misalignment is not None else None,
-        "leverage": {str(u.layer): listed(u.leverage.double()) for u in result.updates if u.leverage.numel()},
-        "fit_error": {
-            str(u.layer): listed(u.fit_error.double()) for u in result.updates if u.fit_error.numel()
-        },
-        "residual_nll": [o.residual_nll for o in result.outcomes],
-    }
+    record = fact_signals(result, range(len(result.outcomes)), digits=None)
+    return {**record, "efficacy_strict": [float(o.landed) for o in result.outcomes]}
 
 
 PREDICTORS = ("misalignment A(i)", "1 − leverage", "fit error", "residual NLL")
