@@ -280,7 +280,8 @@ def predictors(cells: list[Cell], edits: Sequence[Path] = ()) -> str:
         rows.append((len(case["index"]), f"{path.stem} (edit file: landed or not)", case))
     for n, name, case in rows:
         failed, total, aucs = predictor_aucs(case)
-        lines.append(f"| {n} | {name} | {failed}/{total} | " + " | ".join(f"{v:.2f}" for v in aucs) + " |")
+        shown = ("—" if math.isnan(v) else f"{v:.2f}" for v in aucs)  # a record from before that signal
+        lines.append(f"| {n} | {name} | {failed}/{total} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
