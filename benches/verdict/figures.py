@@ -98,7 +98,21 @@ def crossing(points: Sequence[tuple[int, float]], threshold: float = THRESHOLD) 
             at = math.exp(math.log(n0) + frac * (math.log(n1) - math.log(n0)))
             return f"≈ {at:.0f} ({n0}: {r0:.2f}, {n1}: {r1:.2f})"
     n, r = points[-1]
-    return f"not yet ({r:.2f} at {n})"
+    return f"not yet ({r:.2f} at {n}{projection(points, threshold)})"
+
+
+def projection(points: Sequence[tuple[int, float]], threshold: float = THRESHOLD) -> str:
+    """Where a curve that has not yet fallen below ``threshold`` would, if it kept the slope of its last
+    step (linear in log N): a rough guide for how far a sweep must go, not a measurement — curves that
+    collapse bend down, so the real crossing is at or before it."""
+    if len(points) < 2:
+        return ""
+    (n0, r0), (n1, r1) = points[-2:]
+    per_doubling = (r1 - r0) / math.log2(n1 / n0)
+    if per_doubling >= 0:
+        return "; no fall over the last step"
+    at = n1 * 2 ** ((r1 - threshold) / -per_doubling)
+    return f"; at the last step's slope ≈ {at:,.0f}"
 
 
 def curves(cells: Iterable[Cell]) -> dict[tuple[str, str, str], list[Cell]]:
