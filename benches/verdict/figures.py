@@ -4,6 +4,7 @@
     python benches/verdict/figures.py docs/verdict --crossings           # where each curve falls below 50 %
     python benches/verdict/figures.py docs/verdict --gaps                # the gap: λ's share, alignment's
     python benches/verdict/figures.py docs/verdict --predictors          # what predicts which facts fail
+    python benches/verdict/figures.py docs/verdict --forecast            # capacity report against solve
     python benches/verdict/figures.py docs/verdict --plot docs/verdict   # efficacy.png, misalignment.png,
                                                                          # leverage.png
 
@@ -222,6 +223,49 @@ def gaps(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
+    """Per N and λ the capacity report holds (λ 2093, its own ``capacity_for`` pick): its forecast mean
+    leverage per block (keys at the bare prompts of the unedited model, before any residual), the solve's
+    own mean leverage in the MEMIT cells (two blocks; block 4 alone), and the strict efficacy that followed
+    (MEMIT / gated EAMET)."""
+    by_key = {(c.n, c.method, c.blocks, c.lam): c for c in cells}
+    head = [
+        "N",
+        "λ",
+        "forecast, blocks 3 / 4",
+        "solve, blocks 3–4",
+        "solve, block 4 alone",
+        "eff S blocks 3–4 (MEMIT / gated)",
+        "eff S block 4 (MEMIT / gated)",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---|---|---|---|"]
+
+    def lev(blocks: Sequence[dict[str, Any]]) -> str:
+        return " / ".join(f"{b['mean_leverage']:.2f}" for b in sorted(blocks, key=lambda b: b["layer"]))
+
+    def solved(n: int, blocks: str, lam: str) -> str:
+        cell = by_key.get((n, "memit", blocks, lam))
+        return " / ".join(f"{x:.2f}" for x in cell.leverage) if cell else ""
+
+    def efficacy(n: int, blocks: str, lam: str) -> str:
+        got = [by_key.get((n, m, blocks, lam)) for m in ("memit", "gated")]
+        return " / ".join(f"{c.get('efficacy_strict'):.3f}" if c else "—" for c in got)
+
+    for n in sorted(capacity):
+        report = capacity[n]
+        rows = [(report["blocks"], "2093.0")]
+        pick = report.get("lambda_for", {}).get("report")
+        if pick:
+            rows.append((pick["blocks"], "cap"))
+        for blocks, lam in rows:
+            lam_text = " / ".join(f"{b['lambda']:.0f}" for b in sorted(blocks, key=lambda b: b["layer"]))
+            lines.append(
+                f"| {n} | {lam_text} | {lev(blocks)} | {solved(n, '3–4', lam)} | {solved(n, '4', lam)} | "
+                f"{efficacy(n, '3–4', lam)} | {efficacy(n, '4', lam)} |"
+            )
+    return "\n".join(lines)
+
+
 def auc(scores: Sequence[float], failed: Sequence[bool]) -> float:
     """The chance that a failed fact scores above a landed one (ties count half): 0.5 is no information, 1 a
     perfect predictor of failure. NaN when every fact failed or none did."""
@@ -398,6 +442,9 @@ def main() -> None:
     parser.add_argument("--gaps", action="store_true", help="print the gap split into λ and alignment")
     parser.add_argument("--predictors", action="store_true", help="print what predicts the failed facts")
     parser.add_argument(
+        "--forecast", action="store_true", help="print the capacity report's leverage beside the solve's"
+    )
+    parser.add_argument(
         "--edit-file",
         type=Path,
         action="append",
@@ -415,6 +462,8 @@ def main() -> None:
         print(gaps(cells))
     if args.predictors:
         print(predictors(cells, args.edit_file))
+    if args.forecast:
+        print(forecasts(cells, capacity))
     if args.plot:
         for path in plot(cells, args.plot):
             print(f"wrote {path}")
