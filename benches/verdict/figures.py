@@ -5,6 +5,7 @@
     python benches/verdict/figures.py docs/verdict --gaps                # the gap: λ's share, alignment's
     python benches/verdict/figures.py docs/verdict --predictors          # what predicts which facts fail
     python benches/verdict/figures.py docs/verdict --forecast            # capacity report against solve
+    python benches/verdict/figures.py docs/verdict --overlap             # the facts alignment rescues
     python benches/verdict/figures.py docs/verdict --plot docs/verdict   # efficacy.png, misalignment.png,
                                                                          # leverage.png
 
@@ -266,6 +267,44 @@ def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def overlap(cells: list[Cell]) -> str:
+    """Per matched pair of cells (same N, blocks, λ) with ``per_case`` records: which facts MEMIT and the
+    gated EAMET fail (strict efficacy), which the alignment rescues (MEMIT fails, gated lands) and which it
+    loses, with the median misalignment score A(i) of MEMIT's residuals in each group — whether aligning
+    fixes the facts the misalignment flags."""
+    import statistics
+
+    by_key = {(c.n, c.method, c.blocks, c.lam): c.row.get("per_case") for c in cells}
+    head = ["N", "blocks", "λ", "MEMIT fails", "gated fails", "both", "rescued", "lost"]
+    head.append("MEMIT's A(i): rescued / lost / both fail / both land")
+    lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---:|---:|---:|---:|---:|---|"]
+    pairs = {(c.n, c.blocks, c.lam) for c in cells}
+    for n, blocks, lam in sorted(pairs, key=lambda k: (k[0], list(LAMBDAS).index(k[2]), k[1] != "3–4")):
+        memit, gated = by_key.get((n, "memit", blocks, lam)), by_key.get((n, "gated", blocks, lam))
+        if not (memit and gated) or memit["index"] != gated["index"]:
+            continue
+
+        def failing(case: dict[str, Any]) -> set[int]:
+            return {
+                i
+                for i, e in zip(case["index"], case["efficacy_strict"], strict=True)
+                if e is not None and e < 1
+            }
+
+        score = dict(zip(memit["index"], memit["misalignment"], strict=True))
+        evaluated = {
+            i for i, e in zip(memit["index"], memit["efficacy_strict"], strict=True) if e is not None
+        }
+        fm, fg = failing(memit), failing(gated)
+        groups = (fm - fg, fg - fm, fm & fg, evaluated - fm - fg)
+        medians = " / ".join(f"{statistics.median(score[i] for i in g):.2f}" if g else "—" for g in groups)
+        lines.append(
+            f"| {n} | {blocks} | {LAMBDAS[lam]} | {len(fm)} | {len(fg)} | {len(fm & fg)} | {len(fm - fg)} | "
+            f"{len(fg - fm)} | {medians} |"
+        )
+    return "\n".join(lines)
+
+
 def auc(scores: Sequence[float], failed: Sequence[bool]) -> float:
     """The chance that a failed fact scores above a landed one (ties count half): 0.5 is no information, 1 a
     perfect predictor of failure. NaN when every fact failed or none did."""
@@ -445,6 +484,9 @@ def main() -> None:
         "--forecast", action="store_true", help="print the capacity report's leverage beside the solve's"
     )
     parser.add_argument(
+        "--overlap", action="store_true", help="print which facts the alignment rescues and which it loses"
+    )
+    parser.add_argument(
         "--edit-file",
         type=Path,
         action="append",
@@ -464,6 +506,8 @@ def main() -> None:
         print(predictors(cells, args.edit_file))
     if args.forecast:
         print(forecasts(cells, capacity))
+    if args.overlap:
+        print(overlap(cells))
     if args.plot:
         for path in plot(cells, args.plot):
             print(f"wrote {path}")
