@@ -18,9 +18,9 @@
 # machine time is short, and the specified loss's curve is clear early (it stalls on this model). CHAINS=1
 # runs the same passes one after another in one chain (two threads). The store is benches/verdict/store
 # (committed: 2 × 576 float32 per fact, ~6 KB), or STORE. Each pass ends with a solve at the preset's λ (C from
-# CASES_DIR/corpus.txt: the solve does not matter here, the residuals do; the sweep re-solves them); a
-# pass whose JSON and edit file are in the output folder already is skipped, so a resumed sweep goes
-# straight to the N it stopped in.
+# CASES_DIR/corpus.txt: the solve does not matter here, the residuals do; the sweep re-solves them). A
+# pass that ended writes NAME-N.store (the store it filled) beside its JSON, and is skipped when run
+# again into the same store, so a resumed sweep goes straight to the N it stopped in.
 # On a machine with CUDA every pass runs there (the CLI's default device); use CHAINS=1 (one GPU).
 set -euo pipefail
 eamet=$1 cases=$2
@@ -35,9 +35,10 @@ mkdir -p "$out"
 pass() {  # NAME N METHOD [extra eamet edit options]
   local name=$1 n=$2 method=$3
   shift 3
-  if [ -s "$out/$name-$n.json" ] && [ -s "$out/$name-$n.safetensors" ]; then
-    # Written when the pass ended: its residuals are all stored. Re-solving them would cost minutes.
-    echo "== $name: $n facts done before ($out/$name-$n.json)"
+  local done_mark="$out/$name-$n.store"
+  if [ "$(cat "$done_mark" 2>/dev/null)" = "$store" ] && [ -s "$out/$name-$n.json" ]; then
+    # The pass ended with every residual in this store; re-solving them would cost minutes.
+    echo "== $name: $n facts done before, into $store"
     return
   fi
   local tmp
@@ -48,6 +49,7 @@ pass() {  # NAME N METHOD [extra eamet edit options]
   "$eamet" edit --model smollm2 --facts "$out/facts-$n.jsonl" --method "$method" "$@" \
     --residual-store "$store" --corpus "$cases/corpus.txt" --samples 2000 \
     --out "$out/$name-$n.safetensors" --json "$out/$name-$n.json"
+  echo "$store" > "$done_mark"
 }
 
 specified_last=${SPECIFIED_LAST:-512}
