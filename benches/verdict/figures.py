@@ -225,7 +225,7 @@ def gaps(cells: list[Cell]) -> str:
 
 
 def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
-    """Per N and λ the capacity report holds (λ 2093, its own ``capacity_for`` pick): its forecast mean
+    """Per N and λ the capacity report holds (λ 2093 and its ``lambda_for`` pick): its forecast mean
     leverage per block (keys at the bare prompts of the unedited model, before any residual), the solve's
     own mean leverage in the MEMIT cells (two blocks; block 4 alone), and the strict efficacy that followed
     (MEMIT / gated EAMET)."""
@@ -267,6 +267,15 @@ def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _evaluated(case: dict[str, Any], *, failed: bool = False) -> set[int]:
+    """The facts of a ``per_case`` record that were evaluated (or only those that failed strict efficacy)."""
+    return {
+        i
+        for i, e in zip(case["index"], case["efficacy_strict"], strict=True)
+        if e is not None and (not failed or e < 1)
+    }
+
+
 def overlap(cells: list[Cell]) -> str:
     """Per matched pair of cells (same N, blocks, λ) with ``per_case`` records: which facts MEMIT and the
     gated EAMET fail (strict efficacy), which the alignment rescues (MEMIT fails, gated lands) and which it
@@ -283,20 +292,9 @@ def overlap(cells: list[Cell]) -> str:
         memit, gated = by_key.get((n, "memit", blocks, lam)), by_key.get((n, "gated", blocks, lam))
         if not (memit and gated) or memit["index"] != gated["index"]:
             continue
-
-        def failing(case: dict[str, Any]) -> set[int]:
-            return {
-                i
-                for i, e in zip(case["index"], case["efficacy_strict"], strict=True)
-                if e is not None and e < 1
-            }
-
         score = dict(zip(memit["index"], memit["misalignment"], strict=True))
-        evaluated = {
-            i for i, e in zip(memit["index"], memit["efficacy_strict"], strict=True) if e is not None
-        }
-        fm, fg = failing(memit), failing(gated)
-        groups = (fm - fg, fg - fm, fm & fg, evaluated - fm - fg)
+        fm, fg = _evaluated(memit, failed=True), _evaluated(gated, failed=True)
+        groups = (fm - fg, fg - fm, fm & fg, _evaluated(memit) - fm - fg)
         medians = " / ".join(f"{statistics.median(score[i] for i in g):.2f}" if g else "—" for g in groups)
         lines.append(
             f"| {n} | {blocks} | {LAMBDAS[lam]} | {len(fm)} | {len(fg)} | {len(fm & fg)} | {len(fm - fg)} | "
