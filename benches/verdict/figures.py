@@ -224,12 +224,16 @@ def gaps(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def _by_cell(cells: Iterable[Cell]) -> dict[tuple[int, str, str, str], Cell]:
+    return {(c.n, c.method, c.blocks, c.lam): c for c in cells}
+
+
 def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
     """Per N and λ the capacity report holds (λ 2093 and its ``lambda_for`` pick): its forecast mean
     leverage per block (keys at the bare prompts of the unedited model, before any residual), the solve's
     own mean leverage in the MEMIT cells (two blocks; block 4 alone), and the strict efficacy that followed
     (MEMIT / gated EAMET)."""
-    by_key = {(c.n, c.method, c.blocks, c.lam): c for c in cells}
+    by_key = _by_cell(cells)
     head = [
         "N",
         "λ",
@@ -240,9 +244,6 @@ def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
         "eff S block 4 (MEMIT / gated)",
     ]
     lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---|---|---|---|"]
-
-    def lev(blocks: Sequence[dict[str, Any]]) -> str:
-        return " / ".join(f"{b['mean_leverage']:.2f}" for b in sorted(blocks, key=lambda b: b["layer"]))
 
     def solved(n: int, blocks: str, lam: str) -> str:
         cell = by_key.get((n, "memit", blocks, lam))
@@ -259,9 +260,11 @@ def forecasts(cells: list[Cell], capacity: dict[int, dict[str, Any]]) -> str:
         if pick:
             rows.append((pick["blocks"], "cap"))
         for blocks, lam in rows:
-            lam_text = " / ".join(f"{b['lambda']:.0f}" for b in sorted(blocks, key=lambda b: b["layer"]))
+            ordered = sorted(blocks, key=lambda b: b["layer"])
+            lam_text = " / ".join(f"{b['lambda']:.0f}" for b in ordered)
+            forecast = " / ".join(f"{b['mean_leverage']:.2f}" for b in ordered)
             lines.append(
-                f"| {n} | {lam_text} | {lev(blocks)} | {solved(n, '3–4', lam)} | {solved(n, '4', lam)} | "
+                f"| {n} | {lam_text} | {forecast} | {solved(n, '3–4', lam)} | {solved(n, '4', lam)} | "
                 f"{efficacy(n, '3–4', lam)} | {efficacy(n, '4', lam)} |"
             )
     return "\n".join(lines)
@@ -283,13 +286,14 @@ def overlap(cells: list[Cell]) -> str:
     fixes the facts the misalignment flags."""
     import statistics
 
-    by_key = {(c.n, c.method, c.blocks, c.lam): c.row.get("per_case") for c in cells}
+    by_key = _by_cell(cells)
     head = ["N", "blocks", "λ", "MEMIT fails", "gated fails", "both", "rescued", "lost"]
     head.append("MEMIT's A(i): rescued / lost / both fail / both land")
     lines = ["| " + " | ".join(head) + " |", "|---:|---|---|---:|---:|---:|---:|---:|---|"]
-    pairs = {(c.n, c.blocks, c.lam) for c in cells}
-    for n, blocks, lam in sorted(pairs, key=lambda k: (k[0], list(LAMBDAS).index(k[2]), k[1] != "3–4")):
-        memit, gated = by_key.get((n, "memit", blocks, lam)), by_key.get((n, "gated", blocks, lam))
+    in_order = sorted(cells, key=lambda c: (c.n, _order(c.curve)))
+    for n, blocks, lam in dict.fromkeys((c.n, c.blocks, c.lam) for c in in_order):
+        pair = (by_key.get((n, m, blocks, lam)) for m in ("memit", "gated"))
+        memit, gated = (c.row.get("per_case") if c else None for c in pair)
         if not (memit and gated) or memit["index"] != gated["index"]:
             continue
         score = dict(zip(memit["index"], memit["misalignment"], strict=True))
